@@ -1,0 +1,7 @@
+"""`python -m dmp_model ...` is the `dmp` command (e.g. under `accelerate launch -m dmp_model predict`)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

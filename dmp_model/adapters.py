@@ -1,0 +1,345 @@
+"""Task adapters: reading LoRA files of every common layout, their metadata, and attaching them.
+
+DMP publishes one rank-4 LoRA per task in the old diffusers attention-processor layout
+(``...attn1.processor.to_q_lora.down.weight``). We also read peft/diffusers LoRA files and
+kohya-style ones. Whatever the layout, the weights are converted to peft keys with diffusers'
+own converters, any alpha/rank scale is folded into the up-projection (so every adapter is
+simply W + up @ down), checked against the UNet's layer shapes, and attached as a named peft
+adapter with ``unet.load_lora_adapter(..., prefix=None)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from collections.abc import Mapping
+
+import torch
+
+from .checkpoints import read_state_dict
+from .controlnet import NORMAL_CONVENTIONS
+from .sampling import PREDICTION_TYPES
+from .tasks import TASKS
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_FORMATS = ("dmp", "peft", "kohya")
+ADAPTER_FILE_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin",
+                      "adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+METADATA_PREFIX = "dmp."
+# The four projections of every attention layer, and their names in the official DMP layout.
+ATTENTION_PROJECTIONS = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora"}
+
+# Adapter names published with the paper start with their task ("depth-hypersim-notext").
+_TASK_PREFIXES = (("depth", "depth"), ("normal", "normal"), ("seg", "segmentation"),
+                  ("albedo", "albedo"), ("shading", "shading"))
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What an adapter predicts and how to run it.
+
+    Attributes:
+        task: one of TASKS; selects the codec that decodes its output.
+        prediction_type: the UNet's parametrisation, one of PREDICTION_TYPES (DMP: v_prediction).
+        uses_prompts: trained with captions (classifier-free guidance at inference) or with "".
+        target_scale: depth only: metres represented by a decoded value of 1 (8 for DMP's depth).
+        normal_convention: normal only: the camera frame of its normals, one of NORMAL_CONVENTIONS.
+        base_model: the base it was trained on (informational).
+        rank: LoRA rank found in the weights.
+        self_attn_only: only ``attn1`` layers are adapted (a fact of the weights).
+        steps_trained: optimisation steps, when the trainer recorded them.
+    """
+
+    task: str = "rgb"
+    prediction_type: str = "v_prediction"
+    uses_prompts: bool = False
+    target_scale: float = 1.0
+    normal_convention: str = "omnidata"
+    base_model: str = "sd1"
+    rank: int | None = None
+    self_attn_only: bool = False
+    steps_trained: int | None = None
+
+    def __post_init__(self):
+        check_option("task", self.task, TASKS)
+        check_option("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        check_option("normal_convention", self.normal_convention, NORMAL_CONVENTIONS)
+        if not (isinstance(self.target_scale, (int, float)) and self.target_scale > 0):
+            raise ValueError(f"target_scale must be a positive number, got {self.target_scale!r}")
+
+
+def check_option(argument: str, value, options: tuple) -> None:
+    """Raise a ValueError naming the argument, the bad value and the accepted options."""
+    if value not in options:
+        raise ValueError(f"{argument} must be one of {options}, got {value!r}")
+
+
+def infer_info_from_name(name: str) -> dict:
+    """Adapter facts implied by DMP's naming: task from the prefix, prompts unless '-notext'."""
+    lowered = name.lower()
+    task = next((task for prefix, task in _TASK_PREFIXES if lowered.startswith(prefix)), "rgb")
+    facts = {"task": task, "uses_prompts": task != "rgb" and not lowered.endswith("-notext")}
+    if task == "depth":
+        facts["target_scale"] = 8.0
+    return facts
+
+
+def info_to_metadata(info: AdapterInfo) -> dict[str, str]:
+    """Safetensors metadata (string values) recording an AdapterInfo."""
+    return {METADATA_PREFIX + k: json.dumps(v) for k, v in asdict(info).items() if v is not None}
+
+
+def info_from_metadata(metadata: Mapping[str, str] | None) -> dict:
+    """The AdapterInfo fields recorded in safetensors metadata ('dmp.*' keys); unknown keys ignored."""
+    known = {f.name for f in fields(AdapterInfo)}
+    facts = {}
+    for key, raw in (metadata or {}).items():
+        field = key[len(METADATA_PREFIX):] if key.startswith(METADATA_PREFIX) else None
+        if field in known:
+            try:
+                facts[field] = json.loads(raw)
+            except json.JSONDecodeError:
+                facts[field] = raw
+    return facts
+
+
+def resolve_adapter_file(path: str | os.PathLike) -> Path:
+    """The weights file of an adapter given as a file or as a folder (DMP's release layout)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ADAPTER_FILE_NAMES:
+            if (path / name).is_file():
+                return path / name
+        candidates = sorted(p.name for p in path.iterdir() if p.suffix in ADAPTER_EXTENSIONS)
+        if len(candidates) == 1:
+            return path / candidates[0]
+        raise FileNotFoundError(
+            f"adapter folder {path} has no {' or '.join(ADAPTER_FILE_NAMES[:2])}"
+            + (f" (found several weight files: {candidates}; pass one of them)" if candidates else "")
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter not found: {path} (expected a LoRA file or a folder holding one)")
+    if path.suffix not in ADAPTER_EXTENSIONS:
+        raise ValueError(f"adapter file {path} has extension {path.suffix!r}; expected one of {ADAPTER_EXTENSIONS}")
+    return path
+
+
+def adapter_name_for(path: str | os.PathLike) -> str:
+    """DMP names adapters by their folder ('depth-hypersim-notext/pytorch_lora_weights.*')."""
+    path = Path(path)
+    if path.is_file() and path.name in ADAPTER_FILE_NAMES:
+        return path.parent.name
+    return path.name if path.is_dir() else path.stem
+
+
+def detect_adapter_format(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Which LoRA layout the keys use: 'dmp' (attention processors), 'peft' or 'kohya'."""
+    keys = list(state_dict)
+    if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
+        return "kohya"
+    if any("_lora.down." in k or "_lora.up." in k for k in keys):
+        return "dmp"
+    if any(".lora_A." in k or ".lora.down." in k for k in keys):
+        return "peft"
+    raise ValueError(
+        "no LoRA weights found: expected keys like '...attn1.processor.to_q_lora.down.weight' (DMP), "
+        f"'...to_q.lora_A.weight' (peft) or 'lora_unet_...lora_down.weight' (kohya); got e.g. {keys[:3]}"
+    )
+
+
+def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the wrappers peft and diffusers put in front of UNet module names."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("base_model.model.", "unet."):
+            key = key.removeprefix(prefix)
+        out[key] = value
+    return out
+
+
+def to_peft_state_dict(state_dict: Mapping[str, torch.Tensor], unet_config, lora_alpha: float | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """Convert any supported layout to peft keys ('{module}.lora_A.weight'), scale folded into lora_B.
+
+    Args:
+        state_dict: the adapter file's tensors.
+        unet_config: the target UNet's config (kohya files may use the original LDM block names).
+        lora_alpha: alpha of a peft adapter whose config records one (scale alpha / rank).
+
+    Returns:
+        peft-layout tensors whose update is exactly lora_B @ lora_A.
+    """
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    fmt = detect_adapter_format(state_dict)
+    alphas: dict[str, float] = {}
+    if fmt == "kohya":
+        if any(k.startswith("lora_te") for k in state_dict):
+            raise ValueError("this LoRA also adapts the text encoder; DMP adapters adapt the UNet only")
+        converted, network_alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(
+            dict(state_dict), unet_config=unet_config)
+        state_dict = converted
+        alphas = {k.removesuffix(".alpha"): float(v) for k, v in (network_alphas or {}).items()}
+    tensors = convert_unet_state_dict_to_peft(_strip_prefixes(state_dict))
+    alphas = {convert_unet_state_dict_to_peft({k: None}).popitem()[0]: v
+              for k, v in _strip_prefixes(alphas).items()}
+    unsupported = [k for k in tensors if not re.search(r"\.lora_[AB]\.weight$", k)]
+    if unsupported:
+        raise ValueError(f"unsupported LoRA tensors (DoRA, biases or other adapter types): {unsupported[:3]}")
+    for key in [k for k in tensors if k.endswith(".lora_B.weight")]:
+        down_key = key.replace(".lora_B.", ".lora_A.")
+        rank = tensors[key].shape[1]
+        alpha = alphas.get(down_key, lora_alpha)
+        if alpha is not None and alpha != rank:
+            tensors[key] = tensors[key] * (alpha / rank)
+    return tensors
+
+
+def check_adapter_fits(tensors: Mapping[str, torch.Tensor], unet: torch.nn.Module) -> list[str]:
+    """The UNet modules an adapter patches; raises if any layer is missing or of the wrong shape."""
+    modules = dict(unet.named_modules())
+    targets = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
+    problems = []
+    for name in targets:
+        down, up = tensors.get(f"{name}.lora_A.weight"), tensors.get(f"{name}.lora_B.weight")
+        module = modules.get(name)
+        module = getattr(module, "base_layer", module)  # layers already carrying another adapter
+        if down is None or up is None:
+            problems.append(f"{name}: has only one of lora_A/lora_B")
+        elif module is None:
+            problems.append(f"{name}: no such layer in this UNet")
+        elif not isinstance(module, torch.nn.Linear):
+            problems.append(f"{name}: is a {type(module).__name__}, only Linear layers are supported")
+        elif (down.shape[1], up.shape[0]) != (module.in_features, module.out_features):
+            problems.append(f"{name}: adapter maps {down.shape[1]}->{up.shape[0]} features, "
+                            f"the layer {module.in_features}->{module.out_features}")
+    if problems:
+        fitting = len(targets) - len(problems)
+        raise ValueError(
+            f"adapter does not fit this UNet ({fitting} of {len(targets)} layers fit; e.g. {problems[:3]}). "
+            "It was probably made for another base model (SD 2.x, SDXL, ...): DMP adapters need SD 1.x."
+        )
+    return targets
+
+
+def count_adapter_layers(unet: torch.nn.Module, adapter_name: str) -> int:
+    """How many layers carry LoRA weights for `adapter_name`."""
+    from peft.tuners.lora import LoraLayer
+
+    return sum(1 for m in unet.modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A)
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
+    """The tensors and metadata of an adapter file or folder (pickles only with weights_only=True)."""
+    file = resolve_adapter_file(path)
+    tensors, metadata = read_state_dict(file)
+    config_file = file.parent / "adapter_config.json"
+    if file.name.startswith("adapter_model") and config_file.is_file():
+        metadata = {**metadata, "peft_config": config_file.read_text(encoding="utf-8")}
+    return tensors, metadata, file
+
+
+def peft_alpha(metadata: Mapping[str, str]) -> float | None:
+    """lora_alpha recorded by peft ('adapter_config.json') or diffusers ('lora_adapter_metadata')."""
+    for key in ("peft_config", "lora_adapter_metadata"):
+        if key in metadata:
+            config = json.loads(metadata[key])
+            if config.get("alpha_pattern") or config.get("rank_pattern"):
+                raise ValueError("LoRA files with per-layer rank or alpha patterns are not supported")
+            return config.get("lora_alpha")
+    return None
+
+
+def resolve_info(name: str, metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor],
+                 overrides: Mapping | None = None) -> AdapterInfo:
+    """AdapterInfo from (lowest to highest priority) the name, the file's metadata, the caller.
+
+    `tensors` are in peft layout (``to_peft_state_dict``): rank and self-attention-only are read
+    off the weights, never guessed.
+    """
+    facts = infer_info_from_name(name)
+    facts.update(info_from_metadata(metadata))
+    ranks = {v.shape[0] for k, v in tensors.items() if k.endswith("lora_A.weight")}
+    facts["rank"] = max(ranks) if ranks else None
+    facts["self_attn_only"] = all(".attn1." in k for k in tensors)
+    unknown = set(overrides or {}) - {f.name for f in fields(AdapterInfo)}
+    if unknown:
+        raise TypeError(f"unknown adapter settings {sorted(unknown)}; valid: {[f.name for f in fields(AdapterInfo)]}")
+    facts.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return AdapterInfo(**facts)
+
+
+def attach_adapter(unet, tensors: Mapping[str, torch.Tensor], adapter_name: str) -> int:
+    """Attach peft-layout LoRA tensors to `unet` as adapter `adapter_name`; returns layers patched.
+
+    Every layer gets the same rank and alpha = rank (scale 1): the file's scale is already folded
+    into lora_B, and diffusers infers exactly that config from equal-rank tensors.
+    """
+    targets = check_adapter_fits(tensors, unet)
+    ranks = {tensors[f"{t}.lora_A.weight"].shape[0] for t in targets}
+    rank = max(ranks)
+    # Ranks that differ per layer: pad smaller ones with zeros, which adds nothing to the update.
+    padded = {}
+    for target in targets:
+        down, up = tensors[f"{target}.lora_A.weight"], tensors[f"{target}.lora_B.weight"]
+        r = down.shape[0]
+        padded[f"{target}.lora_A.weight"] = torch.cat([down, down.new_zeros(rank - r, down.shape[1])])
+        padded[f"{target}.lora_B.weight"] = torch.cat([up, up.new_zeros(up.shape[0], rank - r)], dim=1)
+    unet.load_lora_adapter(padded, prefix=None, adapter_name=adapter_name)
+    patched = count_adapter_layers(unet, adapter_name)
+    if patched != len(targets):
+        unet.delete_adapters(adapter_name)
+        raise ValueError(f"adapter {adapter_name!r}: {len(targets)} layers in the file but {patched} patched")
+    return patched
+
+
+def with_overrides(info: AdapterInfo, **overrides) -> AdapterInfo:
+    """A copy of `info` with some fields replaced (and validated)."""
+    return replace(info, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _official_key(peft_key: str) -> str | None:
+    """'...attn1.to_q.lora_A.weight' -> '...attn1.processor.to_q_lora.down.weight' (None if not representable)."""
+    module, kind = peft_key.removesuffix(".weight").rsplit(".", 1)
+    for projection, official in ATTENTION_PROJECTIONS.items():
+        if module.endswith("." + projection):
+            parent = module[: -len(projection) - 1]
+            return f"{parent}.processor.{official}.{'down' if kind == 'lora_A' else 'up'}.weight"
+    return None
+
+
+def save_adapter(path: str | os.PathLike, peft_state_dict: Mapping[str, torch.Tensor], info: AdapterInfo,
+                 lora_scale: float = 1.0) -> Path:
+    """Write an adapter as one .safetensors with its AdapterInfo in the metadata (atomically).
+
+    Attention-only adapters are written in the official DMP layout, which this engine, the
+    reference implementation and ComfyUI's LoRA loader all read; others in the peft layout
+    (``unet.{module}.lora_A.weight``). The LoRA scale (alpha / rank) is folded into the up
+    weights, so either layout means exactly W + up @ down.
+
+    Args:
+        path: destination .safetensors file.
+        peft_state_dict: ``peft.get_peft_model_state_dict(unet, adapter_name=...)`` output.
+        info: the adapter's facts, stored as 'dmp.*' metadata.
+        lora_scale: alpha / rank of the trained adapter.
+    """
+    from safetensors.torch import save_file
+
+    from .writers import atomic_path
+
+    tensors = {key: (t.detach().float().cpu() * (lora_scale if ".lora_B." in key else 1.0)).contiguous()
+               for key, t in peft_state_dict.items()}
+    official = {_official_key(key): t for key, t in tensors.items()}
+    out = official if None not in official else {f"unet.{key}": t for key, t in tensors.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp), metadata={"format": "pt", **info_to_metadata(info)})
+    return path

@@ -1,0 +1,207 @@
+"""`dmp`: the command line. `dmp predict` lives here; other packages add commands (`dmp train`,
+`dmp demo` from `training`) through the "dmp.commands" entry-point group, so this package never
+imports them.
+
+    dmp predict photos/ --base sd15.safetensors --adapter ckpt/depth-hypersim-notext -o out/
+
+Under ``accelerate launch`` (or torchrun) each process takes every N-th file of the sorted list,
+so a large folder is shared out and no file is written twice. Existing outputs are skipped
+unless --overwrite, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import writers
+from .adapters import adapter_name_for
+from .colormaps import COLORMAPS
+from .imageproc import list_images, load_image
+from .loading import PRECISIONS
+from .sampling import FINAL_OUTPUTS, SAMPLERS, SPACINGS
+
+logger = logging.getLogger("dmp")
+
+OUTPUT_FORMATS = ("npy", "png", "exr", "visual")
+_DEFAULT_FORMATS = ("npy", "png", "visual")
+
+
+def add_predict_parser(subparsers) -> None:
+    """Register `dmp predict`."""
+    p = subparsers.add_parser("predict", help="predict dense maps for image files or folders",
+                              description="Predict with DMP task adapters; writes raw values and previews.")
+    p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--base", required=True, help="SD 1.x base: diffusers folder or .safetensors/.ckpt file")
+    p.add_argument("--adapter", action="append", required=True, metavar="PATH",
+                   help="adapter file or folder; repeat for several tasks (one VAE encode serves all)")
+    p.add_argument("-o", "--output", default="dmp_output", help="output folder (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=5, help="sampler steps (default: %(default)s)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    p.add_argument("--spacing", choices=SPACINGS, default="leading")
+    p.add_argument("--processing-resolution", type=int, default=512,
+                   help="shorter side while predicting, 0 = native (default: %(default)s)")
+    p.add_argument("--final-output", choices=FINAL_OUTPUTS, default="z")
+    p.add_argument("--prompt", help="text prompt for prompted adapters (needs a tokenizer)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance with --prompt (default 2)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--formats", default=",".join(_DEFAULT_FORMATS),
+                   help=f"comma-separated subset of {OUTPUT_FORMATS} (default: %(default)s); "
+                        "png = 16-bit depth in millimetres or 8-bit class ids")
+    p.add_argument("--colormap", choices=COLORMAPS, default="Spectral", help="depth preview colormap")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
+    p.add_argument("--config", help="diffusers config folder for a single-file base (default: bundled SD 1.x)")
+    p.add_argument("--tokenizer", help="CLIP tokenizer folder (prompts with a single-file base)")
+    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "dmp"),
+                   help="cache for the empty-prompt embedding (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist")
+    p.set_defaults(func=run_predict)
+
+
+def _parse_formats(text: str) -> tuple[str, ...]:
+    formats = tuple(f.strip() for f in text.split(",") if f.strip())
+    unknown = [f for f in formats if f not in OUTPUT_FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"--formats must be a comma-separated subset of {OUTPUT_FORMATS}, got {text!r}")
+    if "exr" in formats and not writers.exr_available():
+        raise ValueError("--formats exr needs the OpenEXR package: pip install openexr")
+    return formats
+
+
+def output_stems(files: Sequence[Path], inputs: Sequence[str]) -> dict[Path, Path]:
+    """Output path stem for each input file: its path relative to the folder it was found in."""
+    roots = [Path(i) for i in inputs if Path(i).is_dir()]
+    stems: dict[Path, Path] = {}
+    for file in files:
+        root = next((r for r in roots if file.is_relative_to(r)), None)
+        stems[file] = file.relative_to(root).with_suffix("") if root else Path(file.stem)
+    clashes = len(stems) - len(set(stems.values()))
+    if clashes:
+        raise ValueError(f"{clashes} input files would write to the same output names; "
+                         "pass folders instead of same-named files from different places")
+    return stems
+
+
+def _shard(files: list[Path]) -> tuple[list[Path], int, int, str]:
+    """This process's share of the files, its rank, the process count and its device."""
+    try:
+        from accelerate import PartialState
+
+        state = PartialState()
+        rank, world, device = state.process_index, state.num_processes, str(state.device)
+    except ImportError:
+        rank, world, device = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), "auto"
+    return files[rank::world], rank, world, device
+
+
+def prediction_paths(task: str, stem: Path, folder: Path, formats: Sequence[str]) -> dict[str, Path]:
+    """The files one image's prediction is written to, in writing order (the last one marks it done)."""
+    base = folder / stem
+    paths = {}
+    if "npy" in formats:
+        paths["npy"] = base.with_suffix(".npy")
+    if "png" in formats and task in ("depth", "segmentation"):
+        paths["png"] = base.with_name(base.name + ("_depth16.png" if task == "depth" else "_classes.png"))
+    if "exr" in formats and task != "segmentation":
+        paths["exr"] = base.with_suffix(".exr")
+    if "visual" in formats:
+        paths["visual"] = base.with_name(base.name + "_visual.png")
+    return paths
+
+
+def write_prediction(prediction, index: int, paths: dict[str, Path]) -> None:
+    """Write one image of a Prediction to `paths` (from ``prediction_paths``), each file atomically."""
+    raw = prediction.raw[index].numpy()
+    if "npy" in paths:
+        writers.write_npy(paths["npy"], raw.astype(np.int16 if prediction.task == "segmentation" else np.float32))
+    if "png" in paths:
+        if prediction.task == "depth":
+            writers.write_depth_png16(paths["png"], raw, "millimeters")
+        else:
+            writers.write_class_png(paths["png"], raw)
+    if "exr" in paths:
+        writers.write_exr(paths["exr"], raw.astype(np.float32))
+    if "visual" in paths:
+        writers.write_png8(paths["visual"], prediction.visual[index].numpy())
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """`dmp predict`: returns 0 when every image was written, 1 when some failed, 2 on bad arguments."""
+    from tqdm import tqdm
+
+    from .pipeline import DMPModel, PredictOptions
+
+    try:
+        formats = _parse_formats(args.formats)
+        options = PredictOptions(steps=args.steps, sampler=args.sampler, spacing=args.spacing,
+                                 processing_resolution=args.processing_resolution,
+                                 guidance_scale=args.guidance_scale, final_output=args.final_output,
+                                 batch_size=args.batch_size, colormap=args.colormap)
+        files = list_images(args.inputs)
+        if not files:
+            raise ValueError(f"no images found in {args.inputs}")
+        stems = output_stems(files, args.inputs)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        logger.error("%s", err)
+        return 2
+    mine, rank, world, device = _shard(files)
+    device = args.device if args.device != "auto" else device
+    model = DMPModel.from_pretrained(args.base, device, args.precision, args.config, args.tokenizer, args.cache_dir)
+    names = [adapter_name_for(path) for path in args.adapter]
+    if len(set(names)) < len(names):
+        logger.error("adapters must have distinct names, got %s", names)
+        return 2
+    for path in args.adapter:
+        model.load_adapter(path)
+    output = Path(args.output)
+
+    def paths(file: Path, name: str) -> dict[str, Path]:
+        return prediction_paths(model.adapters[name].task, stems[file], output / name, formats)
+
+    todo = [f for f in mine if args.overwrite or not all(list(paths(f, n).values())[-1].exists() for n in names)]
+    failed = []
+    bar = tqdm(total=len(todo), desc=f"dmp predict [{rank + 1}/{world}]" if world > 1 else "dmp predict",
+               unit="img", disable=None)
+    for file in todo:
+        try:
+            image = load_image(file)
+            results = model.predict_tasks(image, names, options, prompt=args.prompt)
+            for name, prediction in results.items():
+                write_prediction(prediction, 0, paths(file, name))
+        except (ValueError, OSError) as err:
+            logger.error("%s: %s", file, err)
+            failed.append(file)
+        bar.update(1)
+    bar.close()
+    logger.info("process %d/%d: %d written, %d skipped (already there), %d failed",
+                rank + 1, world, len(todo) - len(failed), len(mine) - len(todo), len(failed))
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`dmp` with `predict` and every command registered under the "dmp.commands" entry points."""
+    parser = argparse.ArgumentParser(prog="dmp", description="DMP dense prediction on Stable Diffusion 1.x")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_predict_parser(subparsers)
+    for entry in entry_points(group="dmp.commands"):
+        entry.load()(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""ControlNet-ready condition maps from DMP predictions: one place per convention.
+
+- Depth for ``control_v11f1p_sd15_depth``: grey, near is white.
+- Normals for ``control_v11p_sd15_normalbae``: rgb = (n + 1) / 2 in the BAE frame (x toward
+  image left, y up, z toward the viewer); a wall facing the camera is (0.5, 0.5, 1), a floor green.
+- Segmentation for ``control_v11p_sd15_seg``: class ids painted with the standard ADE20K palette.
+
+All maps are channels-last float32 [B, H, W, 3] in [0, 1], on the input's device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dmp_model.colormaps import normalize_per_image, per_image_percentiles
+from dmp_model.palettes import paint
+
+DEPTH_CONTROL_MODES = ("percentile", "disparity")
+
+# Per-axis signs taking each convention's normals into the BAE frame (and back: signs are +-1).
+_NORMAL_AXIS_SIGNS: dict[str, tuple[float, float, float]] = {
+    "omnidata": (-1.0, -1.0, -1.0),  # OpenCV camera frame: x right, y down, z into the scene
+    "bae": (1.0, 1.0, 1.0),  # ControlNet normalbae: x toward image left, y up, z toward viewer
+    "marigold": (-1.0, 1.0, 1.0),  # x right, y up, z toward the viewer
+}
+NORMAL_CONVENTIONS = tuple(_NORMAL_AXIS_SIGNS)
+
+# Depth floor (metres) before taking 1 / z, so zero depth (DMP clamps at 0) stays finite.
+_MIN_DEPTH = 1e-3
+_NORMAL_EPS = 1e-12
+
+
+def depth_to_control(
+    depth: torch.Tensor,
+    mode: str = "percentile",
+    invert: bool = False,
+    low_pct: float = 2.0,
+    high_pct: float = 85.0,
+) -> torch.Tensor:
+    """ControlNet depth condition (``control_v11f1p_sd15_depth``, near is white) from metric depth.
+
+    Args:
+        depth: float tensor [B, H, W], depth z in metres, finite.
+        mode: one of DEPTH_CONTROL_MODES, per image:
+            "percentile": v = clip(1 - (z - P_low(z)) / (P_high(z) - P_low(z)), 0, 1);
+            "disparity": 1 / max(z, 1 mm), min-max normalised to [0, 1].
+        invert: return 1 - v (near is black).
+        low_pct, high_pct: the percentiles of "percentile" mode (default P2 and P85: the nearest
+            2 % of the image are white, the farthest 15 % black); ignored by "disparity".
+
+    Returns:
+        float32 tensor [B, H, W, 3], v repeated to grey RGB in [0, 1]. A constant-depth image
+        gives v = 0 everywhere (1 with invert), never NaN.
+    """
+    if not isinstance(depth, torch.Tensor) or not depth.is_floating_point():
+        raise TypeError(f"depth must be a floating-point torch.Tensor, got {_describe(depth)}")
+    if depth.ndim != 3:
+        raise ValueError(f"depth must have shape [B, H, W], got {tuple(depth.shape)}")
+    if mode not in DEPTH_CONTROL_MODES:
+        raise ValueError(f"mode must be one of {DEPTH_CONTROL_MODES}, got {mode!r}")
+    if not bool(depth.isfinite().all()):
+        raise ValueError("depth must be finite, got NaN or infinite values")
+    z = depth.float()
+    if mode == "percentile":
+        low, high = (p.view(-1, 1, 1) for p in per_image_percentiles(z, low_pct, high_pct))
+        span = high - low
+        ok = span > 0  # [B, 1, 1]; False for constant depth
+        v = (1 - (z - low) / torch.where(ok, span, torch.ones_like(span))).clamp(0.0, 1.0)
+        v = torch.where(ok, v, torch.zeros_like(v))
+    else:
+        v = normalize_per_image(1.0 / z.clamp_min(_MIN_DEPTH))
+    if invert:
+        v = 1 - v
+    return v.unsqueeze(-1).repeat(1, 1, 1, 3)
+
+
+def convert_normals(normals: torch.Tensor, source: str, target: str) -> torch.Tensor:
+    """Express normals given in one camera convention in another (per-axis sign flips).
+
+    Args:
+        normals: float tensor [B, H, W, 3] of normal vectors in the ``source`` convention.
+        source, target: each one of NORMAL_CONVENTIONS.
+
+    Returns:
+        tensor [B, H, W, 3] of normals in the ``target`` convention, same dtype.
+    """
+    _check_normals(normals, "normals")
+    for arg, value in (("source", source), ("target", target)):
+        if value not in NORMAL_CONVENTIONS:
+            raise ValueError(f"{arg} must be one of {NORMAL_CONVENTIONS}, got {value!r}")
+    signs = [s * t for s, t in zip(_NORMAL_AXIS_SIGNS[source], _NORMAL_AXIS_SIGNS[target])]
+    return normals * torch.tensor(signs, dtype=normals.dtype, device=normals.device)
+
+
+def normals_to_rgb(normals: torch.Tensor) -> torch.Tensor:
+    """rgb = (n + 1) / 2, clamped to [0, 1] (no change of convention).
+
+    Args:
+        normals: float tensor [B, H, W, 3], unit normals (components in [-1, 1]).
+
+    Returns:
+        tensor [B, H, W, 3] in [0, 1], same dtype.
+    """
+    _check_normals(normals, "normals")
+    return ((normals + 1) / 2).clamp(0.0, 1.0)
+
+
+def rgb_to_normals(rgb: torch.Tensor) -> torch.Tensor:
+    """n = 2 * rgb - 1, renormalised to unit length; zero vectors stay zero (finite).
+
+    Args:
+        rgb: float tensor [B, H, W, 3] in [0, 1].
+
+    Returns:
+        tensor [B, H, W, 3] of unit (or zero) vectors, same dtype.
+    """
+    _check_normals(rgb, "rgb")
+    n = 2 * rgb - 1
+    return n / n.norm(dim=-1, keepdim=True).clamp_min(_NORMAL_EPS)
+
+
+def normals_to_control(
+    normals: torch.Tensor,
+    convention: str = "omnidata",
+    flip_x: bool = False,
+    flip_y: bool = False,
+    flip_z: bool = False,
+) -> torch.Tensor:
+    """ControlNet normal condition (``control_v11p_sd15_normalbae``) from normals.
+
+    An Omnidata wall facing the camera, n = (0, 0, -1) (rgb (0.5, 0.5, 0)), becomes
+    (0.5, 0.5, 1); an Omnidata floor, n = (0, -1, 0) (rgb (0.5, 0, 0.5)), becomes green
+    (0.5, 1, 0.5).
+
+    Args:
+        normals: float tensor [B, H, W, 3], unit normals in ``convention``.
+        convention: one of NORMAL_CONVENTIONS; DMP's normal adapters predict "omnidata".
+        flip_x, flip_y, flip_z: invert that channel (rgb' = 1 - rgb) after conversion, for
+            models whose axis signs differ (the x sign of the Omnidata frame was derived from
+            published images).
+
+    Returns:
+        float32 tensor [B, H, W, 3], rgb = (n + 1) / 2 in the BAE frame, in [0, 1].
+    """
+    n = convert_normals(normals, convention, "bae").float()
+    flips = torch.tensor([-1.0 if f else 1.0 for f in (flip_x, flip_y, flip_z)], device=n.device)
+    return normals_to_rgb(n * flips)
+
+
+def segmentation_to_control(ids: torch.Tensor) -> torch.Tensor:
+    """ControlNet segmentation condition (``control_v11p_sd15_seg``): the ADE20K palette.
+
+    Args:
+        ids: integer tensor [B, H, W] of ADE20K class ids in 0..149 (e.g. from
+            ``palettes.snap_to_palette``).
+
+    Returns:
+        float32 tensor [B, H, W, 3], RGB in [0, 1].
+    """
+    return paint(ids, "ade20k")
+
+
+def _check_normals(value: torch.Tensor, arg: str) -> None:
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise TypeError(f"{arg} must be a floating-point torch.Tensor, got {_describe(value)}")
+    if value.ndim != 4 or value.shape[-1] != 3:
+        raise ValueError(f"{arg} must have shape [B, H, W, 3], got {tuple(value.shape)}")
+
+
+def _describe(value: object) -> str:
+    """Short description of a bad argument for error messages."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"[:120]

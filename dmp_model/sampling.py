@@ -1,0 +1,185 @@
+"""The DMP interpolation process: schedule, training objective and deterministic sampler.
+
+DMP (Lee et al., "Exploiting Diffusion Prior for Generalizable Dense Prediction", CVPR 2024)
+replaces the noise of a diffusion process with the input image's latent x and the clean sample
+with the prediction's latent y. Training (``interpolate`` + ``training_target``) and inference
+(``sample_dmp``) share the formulas below, so the two cannot drift apart.
+
+Everything here is a small pure function of tensors, in the manner of k-diffusion's
+``sampling.py``; the network hides behind a ``model(z, t) -> output`` callable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
+SAMPLERS = ("ddim", "oracle")
+SPACINGS = ("leading", "trailing")
+FINAL_OUTPUTS = ("z", "y_hat")
+
+Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+def alphas_cumprod_from_config(scheduler_config: dict) -> torch.Tensor:
+    """The cumulative alpha products of an SD 1.x scheduler config, computed by diffusers itself.
+
+    Args:
+        scheduler_config: a diffusers scheduler config (``scheduler_config.json``).
+
+    Returns:
+        float32 tensor [num_train_timesteps].
+    """
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(scheduler_config).alphas_cumprod.clone()
+
+
+def get_timesteps(
+    num_steps: int,
+    spacing: str = "leading",
+    num_train_timesteps: int = 1000,
+    steps_offset: int = 1,
+) -> list[int]:
+    """DDIM timesteps, largest first ("leading" with offset 1 gives 801, 601, 401, 201, 1 for 5).
+
+    "trailing" starts at t = num_train_timesteps - 1 (999), as single-step predictors use.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int):
+        raise TypeError(f"steps must be an integer, got {num_steps!r} ({type(num_steps).__name__})")
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"steps must be between 1 and {num_train_timesteps}, got {num_steps}")
+    if spacing == "leading":
+        ratio = num_train_timesteps // num_steps
+        return [(num_steps - 1 - i) * ratio + steps_offset for i in range(num_steps)]
+    if spacing == "trailing":
+        # Same arithmetic as diffusers' DDIMScheduler (numpy, round half to even).
+        points = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps))
+        return [int(v) - 1 for v in points]
+    raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+
+
+def previous_alpha(
+    alphas_cumprod: torch.Tensor, t: int, num_steps: int, final_alpha: torch.Tensor
+) -> torch.Tensor:
+    """alpha_cumprod of the step after t: alphas_cumprod[t - 1000 // N], or final_alpha past 0."""
+    prev_t = t - alphas_cumprod.shape[0] // num_steps
+    return alphas_cumprod[prev_t] if prev_t >= 0 else final_alpha
+
+
+def interpolate(y: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """z_t = sqrt(a) * y + sqrt(1 - a) * x: the input latent x takes the place of the noise."""
+    return alpha**0.5 * y + (1 - alpha) ** 0.5 * x
+
+
+def velocity(y: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """v = sqrt(a) * x - sqrt(1 - a) * y, the velocity DMP's UNet learns to predict."""
+    return alpha**0.5 * x - (1 - alpha) ** 0.5 * y
+
+
+def training_target(
+    prediction_type: str, y: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet regresses for each parametrisation (epsilon: x, sample: y, v: velocity)."""
+    if prediction_type == "v_prediction":
+        return velocity(y, x, alpha)
+    if prediction_type == "epsilon":
+        return x
+    if prediction_type == "sample":
+        return y
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def expand_alpha(alphas_cumprod: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """alphas_cumprod[t] per batch element, shaped [B, 1, 1, 1] to broadcast over latents."""
+    alpha = alphas_cumprod.to(t.device)[t]
+    return alpha.reshape(alpha.shape + (1,) * (ndim - alpha.ndim))
+
+
+def split_prediction(
+    model_output: torch.Tensor,
+    z: torch.Tensor,
+    alpha: torch.Tensor,
+    prediction_type: str,
+    x: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's estimates (y_hat, x_hat) of prediction and input latents at z_t.
+
+    With ``x`` given ("oracle" DDIM, the paper's variant) the true input latent replaces x_hat
+    for the v and sample parametrisations; an epsilon model's output already is its x estimate
+    and is kept, as in the reference implementation.
+    """
+    sqrt_a, sqrt_1ma = alpha**0.5, (1 - alpha) ** 0.5
+    if prediction_type == "v_prediction":
+        y_hat = sqrt_a * z - sqrt_1ma * model_output
+        x_hat = sqrt_a * model_output + sqrt_1ma * z
+    elif prediction_type == "epsilon":
+        y_hat = (z - sqrt_1ma * model_output) / sqrt_a
+        return y_hat, model_output
+    elif prediction_type == "sample":
+        y_hat = model_output
+        x_hat = (z - sqrt_a * y_hat) / sqrt_1ma
+    else:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return y_hat, (x if x is not None else x_hat)
+
+
+def ddim_step(y_hat: torch.Tensor, x_hat: torch.Tensor, alpha_prev: torch.Tensor) -> torch.Tensor:
+    """One deterministic DDIM move (eta = 0): z_prev = sqrt(a_prev) * y_hat + sqrt(1 - a_prev) * x_hat."""
+    return interpolate(y_hat, x_hat, alpha_prev)
+
+
+def apply_guidance(output: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance on a [cond; uncond] batch: uncond + g * (cond - uncond)."""
+    cond, uncond = output.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+@torch.no_grad()
+def sample_dmp(
+    model: Denoiser,
+    x: torch.Tensor,
+    timesteps: Sequence[int],
+    alphas_cumprod: torch.Tensor,
+    final_alpha: torch.Tensor,
+    prediction_type: str = "v_prediction",
+    oracle: bool = False,
+    final_output: str = "z",
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """DMP's deterministic interpolation sampler, from the input latent x to the prediction latent.
+
+    Args:
+        model: ``model(z, t) -> output`` for latents [B, 4, h, w] (guidance is the model's business).
+        x: input image latents [B, 4, h, w]; the chain starts at z = x, no noise added.
+        timesteps: from ``get_timesteps``, largest first.
+        alphas_cumprod: [1000] from ``alphas_cumprod_from_config``.
+        final_alpha: alpha used after the last step (alphas_cumprod[0] for SD 1.x).
+        prediction_type: one of PREDICTION_TYPES.
+        oracle: use x itself as x_hat (the paper's "oracle" DDIM) instead of the model's estimate.
+        final_output: "z" returns the last z, as the reference (keeps 0.029 * x at a_prev = 0.99915);
+            "y_hat" returns the model's estimate of y at the last step.
+        callback: ``callback(i, N, z)`` after each step; may raise to interrupt.
+
+    Returns:
+        prediction latents [B, 4, h, w].
+    """
+    if final_output not in FINAL_OUTPUTS:
+        raise ValueError(f"final_output must be one of {FINAL_OUTPUTS}, got {final_output!r}")
+    num_steps = len(timesteps)
+    alphas_cumprod = alphas_cumprod.to(x.device)
+    final_alpha = final_alpha.to(x.device)
+    z = x
+    y_hat = x
+    for i, t in enumerate(timesteps):
+        alpha = alphas_cumprod[t]
+        output = model(z, t)
+        y_hat, x_hat = split_prediction(output, z, alpha, prediction_type, x if oracle else None)
+        z = ddim_step(y_hat, x_hat, previous_alpha(alphas_cumprod, t, num_steps, final_alpha))
+        if callback is not None:
+            callback(i, num_steps, z)
+    return z if final_output == "z" else y_hat

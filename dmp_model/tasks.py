@@ -1,0 +1,175 @@
+"""One codec per task: target -> RGB image for training, decoded RGB -> raw value for prediction.
+
+The VAE's pixel space is [-1, 1]. Every codec speaks it on one side (``encode_target`` returns
+it, ``decode`` reads it) and the task's natural unit on the other:
+
+| task         | raw prediction                         | layout        |
+|--------------|----------------------------------------|---------------|
+| depth        | metres (float)                         | [B, H, W]     |
+| normal       | unit vectors, adapter's convention     | [B, H, W, 3]  |
+| segmentation | ADE20K class ids (int64)               | [B, H, W]     |
+| albedo       | relative albedo in [0, 1]              | [B, H, W, 3]  |
+| shading      | relative shading in [0, 1]             | [B, H, W]     |
+| rgb          | any RGB target in [0, 1]               | [B, H, W, 3]  |
+
+``resize`` brings a raw prediction back to the input size the way its values allow (class ids
+by nearest neighbour, normals renormalised); ``visualize`` makes a float [B, H, W, 3] preview.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import colormaps, controlnet, palettes
+from .imageproc import resize as resize_images
+
+if TYPE_CHECKING:  # adapters.py imports TASKS from here
+    from .adapters import AdapterInfo
+
+TASKS = ("depth", "normal", "segmentation", "albedo", "shading", "rgb")
+
+
+def _to_channels_last(images: torch.Tensor) -> torch.Tensor:
+    return images.permute(0, 2, 3, 1)
+
+
+def _to_channels_first(images: torch.Tensor) -> torch.Tensor:
+    return images.permute(0, 3, 1, 2)
+
+
+def _unit_range(decoded: torch.Tensor) -> torch.Tensor:
+    """VAE pixels [B, 3, H, W] in [-1, 1] -> channels-last [0, 1]."""
+    return _to_channels_last((decoded.float() / 2 + 0.5).clamp(0, 1))
+
+
+def _minmax(values: torch.Tensor) -> torch.Tensor:
+    """Per-sample min-max normalisation to [0, 1] (constant samples become 0)."""
+    flat = values.flatten(1)
+    low, high = flat.min(1).values, flat.max(1).values
+    scale = (high - low).clamp_min(1e-12)
+    shape = (-1,) + (1,) * (values.ndim - 1)
+    return (values - low.view(shape)) / scale.view(shape)
+
+
+class DepthCodec:
+    """Metric depth; training targets are depth / target_scale as grey, decoded by the channel mean."""
+
+    name = "depth"
+
+    def encode_target(self, depth: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
+        """Depth in metres [B, H, W] -> [B, 3, H, W] in [-1, 1] (for depth <= info.target_scale)."""
+        grey = depth.float() / info.target_scale * 2 - 1
+        return grey.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+    def decode(self, decoded: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
+        """Mean over RGB, /2 + 0.5, clamp at 0, times info.target_scale: metres [B, H, W]."""
+        return (decoded.float().mean(dim=1) / 2 + 0.5).clamp(min=0) * info.target_scale
+
+    def resize(self, depth: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return resize_images(depth.unsqueeze(1), size).squeeze(1).clamp(min=0)
+
+    def visualize(self, depth: torch.Tensor, colormap: str = "Spectral", **options) -> torch.Tensor:
+        """Near-to-far colours, per image from the 2nd to the 98th percentile of depth."""
+        return colormaps.colorize(colormaps.normalize_per_image(depth, 2, 98), colormap)
+
+
+class NormalCodec:
+    """Surface normals; the image is (n + 1) / 2 of the unit normal, so in VAE space it is n."""
+
+    name = "normal"
+
+    def encode_target(self, normals: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
+        """Unit normals [B, H, W, 3] -> [B, 3, H, W] in [-1, 1]."""
+        return _to_channels_first(normals.float()).contiguous()
+
+    def decode(self, decoded: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
+        """n = 2 * rgb - 1, renormalised: unit vectors [B, H, W, 3]."""
+        return controlnet.rgb_to_normals(_to_channels_last(decoded.float() / 2 + 0.5))
+
+    def resize(self, normals: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        resized = _to_channels_last(resize_images(_to_channels_first(normals), size))
+        return torch.nn.functional.normalize(resized, dim=-1)
+
+    def visualize(self, normals: torch.Tensor, **options) -> torch.Tensor:
+        return controlnet.normals_to_rgb(normals)
+
+
+class SegmentationCodec:
+    """ADE20K classes painted in the DMP palette; decoded by the nearest palette colour in CIE Lab."""
+
+    name = "segmentation"
+
+    def encode_target(self, class_ids: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
+        """Class ids [B, H, W] -> [B, 3, H, W] in [-1, 1]."""
+        return _to_channels_first(palettes.paint(class_ids, "dmp")) * 2 - 1
+
+    def decode(self, decoded: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
+        """Nearest DMP palette colour: class ids int64 [B, H, W]."""
+        return palettes.snap_to_palette(_unit_range(decoded), "dmp")
+
+    def resize(self, class_ids: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return resize_images(class_ids.unsqueeze(1).float(), size, mode="nearest").squeeze(1).long()
+
+    def visualize(self, class_ids: torch.Tensor, **options) -> torch.Tensor:
+        return palettes.paint(class_ids, "dmp")
+
+
+class AlbedoCodec:
+    """Relative albedo: the target image min-max normalised to [0, 1] per image."""
+
+    name = "albedo"
+
+    def encode_target(self, albedo: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
+        """RGB [B, H, W, 3] (any range) -> [B, 3, H, W] in [-1, 1]."""
+        return _to_channels_first(_minmax(albedo.float())) * 2 - 1
+
+    def decode(self, decoded: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
+        return _unit_range(decoded)
+
+    def resize(self, albedo: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return _to_channels_last(resize_images(_to_channels_first(albedo), size)).clamp(0, 1)
+
+    def visualize(self, albedo: torch.Tensor, **options) -> torch.Tensor:
+        return albedo
+
+
+class ShadingCodec:
+    """Relative shading: a grey image min-max normalised to [0, 1], repeated to RGB."""
+
+    name = "shading"
+
+    def encode_target(self, shading: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
+        """Grey [B, H, W] or RGB [B, H, W, 3] (averaged) -> [B, 3, H, W] in [-1, 1]."""
+        grey = shading.float().mean(dim=-1) if shading.ndim == 4 else shading.float()
+        return (_minmax(grey) * 2 - 1).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+    def decode(self, decoded: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
+        return (decoded.float().mean(dim=1) / 2 + 0.5).clamp(0, 1)
+
+    def resize(self, shading: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return resize_images(shading.unsqueeze(1), size).squeeze(1).clamp(0, 1)
+
+    def visualize(self, shading: torch.Tensor, **options) -> torch.Tensor:
+        return shading.unsqueeze(-1).expand(-1, -1, -1, 3)
+
+
+class RGBCodec(AlbedoCodec):
+    """Any RGB target in [0, 1], taken as is (for custom adapters)."""
+
+    name = "rgb"
+
+    def encode_target(self, rgb: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
+        return _to_channels_first(rgb.float().clamp(0, 1)) * 2 - 1
+
+
+_CODECS = {codec.name: codec for codec in
+           (DepthCodec(), NormalCodec(), SegmentationCodec(), AlbedoCodec(), ShadingCodec(), RGBCodec())}
+
+
+def get_codec(task: str):
+    """The codec of a task in TASKS."""
+    if task not in _CODECS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    return _CODECS[task]

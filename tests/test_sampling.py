@@ -1,0 +1,199 @@
+"""The sampler's formulas against the method page and against diffusers' own DDIM scheduler."""
+
+import json
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from dmp_model.loading import SD1_CONFIG_DIR
+from dmp_model.sampling import (PREDICTION_TYPES, alphas_cumprod_from_config, apply_guidance, get_timesteps,
+                                interpolate, sample_dmp, split_prediction, training_target, velocity)
+
+SCHEDULER_CONFIG = json.loads((SD1_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())
+ALPHAS = alphas_cumprod_from_config(SCHEDULER_CONFIG)
+A0 = ALPHAS[0]
+
+
+def latents(seed, shape=(2, 4, 6, 5)):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_schedule_constants_are_sd1():
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2
+    assert torch.equal(ALPHAS, torch.cumprod(1 - betas, 0))
+    assert A0.item() == pytest.approx(0.99915, abs=1e-6)
+
+
+def test_five_leading_steps_are_the_references():
+    assert get_timesteps(5) == [801, 601, 401, 201, 1]
+    assert get_timesteps(10)[0] == 901 and get_timesteps(10)[-1] == 1
+    assert get_timesteps(1) == [1]
+    assert get_timesteps(1, "trailing") == [999]
+    assert get_timesteps(5, "trailing") == [999, 799, 599, 399, 199]
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 7, 10, 50, 999, 1000])
+def test_timesteps_equal_diffusers(spacing, steps):
+    scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG, timestep_spacing=spacing)
+    scheduler.set_timesteps(steps)
+    assert get_timesteps(steps, spacing) == scheduler.timesteps.tolist()
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1001])
+def test_steps_out_of_range_raise(bad):
+    with pytest.raises(ValueError, match="steps must be between 1 and 1000"):
+        get_timesteps(bad)
+
+
+@pytest.mark.parametrize("bad", [2.5, "5", None, True])
+def test_steps_not_an_integer_raise(bad):
+    with pytest.raises(TypeError, match="steps must be an integer"):
+        get_timesteps(bad)
+
+
+def test_unknown_spacing_raises():
+    with pytest.raises(ValueError, match="spacing must be one of"):
+        get_timesteps(5, "linspace")
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_training_target_is_inverted_exactly_on_the_path(prediction_type):
+    """On z_t = interpolate(y, x, a), the training target gives back y and x (standard DDIM)."""
+    y, x = latents(1), latents(2)
+    for t in (1, 250, 801, 999):
+        alpha = ALPHAS[t]
+        z = interpolate(y, x, alpha)
+        y_hat, x_hat = split_prediction(training_target(prediction_type, y, x, alpha), z, alpha, prediction_type)
+        torch.testing.assert_close(y_hat, y, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(x_hat, x, atol=2e-4, rtol=1e-4)
+
+
+def test_velocity_matches_diffusers_get_velocity():
+    """DMP's v is diffusers' velocity with the input latent in the place of the noise."""
+    y, x, t = latents(1), latents(2), torch.tensor([801, 5])
+    scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG)
+    expected = scheduler.get_velocity(y, x, t)
+    alpha = ALPHAS[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(velocity(y, x, alpha), expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(interpolate(y, x, alpha), scheduler.add_noise(y, x, t), atol=1e-6, rtol=1e-6)
+
+
+def fake_model(seed):
+    """A deterministic stand-in network: a fixed nonlinear function of (z, t)."""
+    weight = latents(seed, (4, 4)) * 0.3
+
+    def model(z, t):
+        return torch.tanh(torch.einsum("oc,bchw->bohw", weight, z)) + t / 1000
+    return model
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("steps", [1, 2, 5, 10, 50])
+def test_standard_sampler_equals_diffusers_ddim(prediction_type, spacing, steps):
+    """The 'ddim' sampler is diffusers' DDIMScheduler.step (eta 0), as in the reference."""
+    x, model = latents(3), fake_model(4)
+    scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG, prediction_type=prediction_type,
+                                          timestep_spacing=spacing)
+    scheduler.set_timesteps(steps)
+    z = x
+    for t in scheduler.timesteps:
+        z = scheduler.step(model(z, int(t)), t, z).prev_sample
+    ours = sample_dmp(model, x, get_timesteps(steps, spacing), ALPHAS, A0, prediction_type)
+    torch.testing.assert_close(ours, z, atol=1e-5, rtol=1e-5)
+
+
+def reference_oracle(model, x, timesteps, prediction_type):
+    """The reference's oracle DDIM written out from the method page (pred_epsilon := input latent)."""
+    ratio = 1000 // len(timesteps)
+    z = x
+    for t in timesteps:
+        a = ALPHAS[t]
+        a_prev = ALPHAS[t - ratio] if t - ratio >= 0 else A0
+        out = model(z, t)
+        if prediction_type == "v_prediction":
+            y_hat, x_hat = a**0.5 * z - (1 - a) ** 0.5 * out, x
+        elif prediction_type == "sample":
+            y_hat, x_hat = out, x
+        else:  # the reference keeps an epsilon model's own x estimate
+            y_hat, x_hat = (z - (1 - a) ** 0.5 * out) / a**0.5, out
+        z = a_prev**0.5 * y_hat + (1 - a_prev) ** 0.5 * x_hat
+    return z
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("steps", [1, 2, 5, 10, 50])
+def test_oracle_sampler_follows_the_method(prediction_type, steps):
+    x, model = latents(5), fake_model(6)
+    timesteps = get_timesteps(steps)
+    ours = sample_dmp(model, x, timesteps, ALPHAS, A0, prediction_type, oracle=True)
+    torch.testing.assert_close(ours, reference_oracle(model, x, timesteps, prediction_type), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("steps", [1, 2, 5, 10, 50])
+def test_oracle_with_a_perfect_model_lands_on_the_method_formula(spacing, steps):
+    """A model that always recovers y gives sqrt(a0) y + sqrt(1 - a0) x: DMP's 0.029 * x residue."""
+    y, x = latents(7), latents(8)
+
+    def perfect(z, t):  # the v that makes y_hat = y at this z
+        a = ALPHAS[t]
+        return (a**0.5 * z - y) / (1 - a) ** 0.5
+
+    out = sample_dmp(perfect, x, get_timesteps(steps, spacing), ALPHAS, A0, "v_prediction", oracle=True)
+    torch.testing.assert_close(out, A0**0.5 * y + (1 - A0) ** 0.5 * x, atol=1e-5, rtol=1e-5)
+    assert (1 - A0) ** 0.5 == pytest.approx(0.029, abs=5e-4)
+
+
+def test_perfect_model_standard_sampler_keeps_the_first_implied_input():
+    """Standard DDIM carries the input estimate implied at the first step through the chain."""
+    y, x = latents(9), latents(10)
+
+    def perfect(z, t):
+        a = ALPHAS[t]
+        return (a**0.5 * z - y) / (1 - a) ** 0.5
+
+    timesteps = get_timesteps(5)
+    a_first = ALPHAS[timesteps[0]]
+    implied_x = (x - a_first**0.5 * y) / (1 - a_first) ** 0.5
+    out = sample_dmp(perfect, x, timesteps, ALPHAS, A0, "v_prediction")
+    torch.testing.assert_close(out, A0**0.5 * y + (1 - A0) ** 0.5 * implied_x, atol=1e-4, rtol=1e-4)
+
+
+def test_final_output_y_hat_returns_the_last_estimate():
+    y, x = latents(11), latents(12)
+
+    def perfect(z, t):
+        a = ALPHAS[t]
+        return (a**0.5 * z - y) / (1 - a) ** 0.5
+
+    out = sample_dmp(perfect, x, get_timesteps(5), ALPHAS, A0, "v_prediction", oracle=True, final_output="y_hat")
+    torch.testing.assert_close(out, y, atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_combines_cond_then_uncond():
+    cond, uncond = latents(13), latents(14)
+    torch.testing.assert_close(apply_guidance(torch.cat([cond, uncond]), 2.0), uncond + 2 * (cond - uncond))
+    torch.testing.assert_close(apply_guidance(torch.cat([cond, uncond]), 1.0), cond)
+
+
+def test_callback_sees_every_step_and_can_interrupt():
+    seen = []
+    sample_dmp(fake_model(1), latents(1), get_timesteps(5), ALPHAS, A0, callback=lambda i, n, z: seen.append((i, n)))
+    assert seen == [(i, 5) for i in range(5)]
+
+    def stop(i, n, z):
+        if i == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sample_dmp(fake_model(1), latents(1), get_timesteps(5), ALPHAS, A0, callback=stop)
+
+
+def test_unknown_prediction_type_and_final_output_raise():
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        sample_dmp(fake_model(1), latents(1), [1], ALPHAS, A0, "x0")
+    with pytest.raises(ValueError, match="final_output must be one of"):
+        sample_dmp(fake_model(1), latents(1), [1], ALPHAS, A0, final_output="last")
