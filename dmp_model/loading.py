@@ -157,8 +157,8 @@ def load_base(path: str | os.PathLike, device: str | torch.device = "auto", prec
         check_sd1(path, read_key_shapes(path))
         checkpoint, _ = read_state_dict(path, prefixes=("model.diffusion_model.", "first_stage_model."))
         options = dict(config=str(config_dir), local_files_only=True, torch_dtype=dtype)
-        unet = UNet2DConditionModel.from_single_file(checkpoint, subfolder="unet", **options)
-        vae = AutoencoderKL.from_single_file(checkpoint, subfolder="vae", **options)
+        unet = _from_single_file(UNet2DConditionModel, checkpoint, path, "unet", options)
+        vae = _from_single_file(AutoencoderKL, checkpoint, path, "vae", options)
         del checkpoint
         load_text_encoder = _single_file_text_encoder_loader(path, config_dir, dtype)
         load_tokenizer = _tokenizer_loader(tokenizer_dir, config_dir / "tokenizer")
@@ -169,6 +169,27 @@ def load_base(path: str | os.PathLike, device: str | torch.device = "auto", prec
         _check_loaded(model, path)
         model.to(device).eval().requires_grad_(False)
     return BaseComponents(unet, vae, load_text_encoder, load_tokenizer, scheduler_config, path, device, dtype)
+
+
+def _from_single_file(cls, checkpoint: dict, path: Path, subfolder: str, options: dict) -> torch.nn.Module:
+    """diffusers' from_single_file, with its failures on damaged files turned into a CheckpointError.
+
+    diffusers 0.42 leaves weights missing from the file on the meta device and then fails moving
+    them ("Cannot copy out of meta tensor"); shapes that do not fit the config raise a ValueError.
+    """
+    try:
+        return cls.from_single_file(checkpoint, subfolder=subfolder, **options)
+    except NotImplementedError as err:  # a meta tensor: some weights were not in the file
+        raise CheckpointError(
+            f"{path}: some {subfolder.upper()} weights ({cls.__name__}) are missing from the file; the checkpoint "
+            "is incomplete (a partial download or a stripped file): download it again") from err
+    except ValueError as err:
+        if "expected shape" not in str(err):
+            raise
+        raise CheckpointError(
+            f"{path}: {cls.__name__} weight shapes do not fit the config in {options['config']} "
+            f"({str(err).split(' If you want', 1)[0]}); DMP needs an SD 1.x checkpoint "
+            "and the matching config") from err
 
 
 def _check_loaded(model: torch.nn.Module, path: Path) -> None:

@@ -33,6 +33,8 @@ from .text import TextConditioner, cache_file_for
 logger = logging.getLogger(__name__)
 
 DEFAULT_GUIDANCE = 2.0
+# Several tasks at once: adapters in turn on the same latents, or all in one UNet batch.
+TASK_BATCHING = ("sequential", "batched")
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -50,6 +52,9 @@ class PredictOptions:
         batch_size: images per UNet batch.
         prediction_type: override the adapter's parametrisation (one of PREDICTION_TYPES).
         colormap: depth visual colormap (one of COLORMAPS).
+        task_batching: for several adapters, "sequential" (one after the other) or "batched"
+            (all in the same UNet batch, peft's mixed-adapter LoRA; adapters must share a
+            prediction type).
     """
 
     steps: int = 5
@@ -61,6 +66,7 @@ class PredictOptions:
     batch_size: int = 4
     prediction_type: str | None = None
     colormap: str = "Spectral"
+    task_batching: str = "sequential"
 
     def __post_init__(self):
         get_timesteps(self.steps, self.spacing)
@@ -68,6 +74,7 @@ class PredictOptions:
         adapter_files.check_option("sampler", self.sampler, SAMPLERS)
         adapter_files.check_option("final_output", self.final_output, FINAL_OUTPUTS)
         adapter_files.check_option("colormap", self.colormap, COLORMAPS)
+        adapter_files.check_option("task_batching", self.task_batching, TASK_BATCHING)
         if self.prediction_type is not None:
             adapter_files.check_option("prediction_type", self.prediction_type, PREDICTION_TYPES)
         if self.guidance_scale is not None and not (
@@ -275,28 +282,36 @@ class DMPModel:
             callback: ``callback(done, total)`` after every step; may raise to interrupt.
 
         Returns:
-            final latents [B, 4, h, w] (float32 on the model's device).
+            final latents [B, 4, h, w] (in the model's dtype, on its device).
         """
         options = (options or PredictOptions()).updated(**settings)
         name = self._require_adapter(adapter)
         progress = _Progress(callback, options.steps * math.ceil(latents.shape[0] / options.batch_size))
-        return self._sample(latents.to(self.device, self.dtype), name, options, prompt, prompt_embeds, progress)
+        latents = latents.to(self.device, self.dtype)
+        return self._sample(latents, [name], options, prompt, prompt_embeds, progress)[0]
 
-    def _sample(self, latents, name, options, prompt, prompt_embeds, progress) -> torch.Tensor:
-        info = self._adapters[name].info
-        prediction_type = options.prediction_type or info.prediction_type
+    def _sample(self, latents, names, options, prompt, prompt_embeds, progress) -> list[torch.Tensor]:
+        """Final latents for each adapter in `names`, which run together in one batch if several."""
+        infos = [self._adapters[name].info for name in names]
+        prediction_type = options.prediction_type or infos[0].prediction_type
         timesteps = get_timesteps(options.steps, options.spacing, self.alphas_cumprod.shape[0], self.steps_offset)
-        self.unet.set_adapter(name)
+        if len(names) == 1:
+            self.unet.set_adapter(names[0])
         outputs = []
         for start in range(0, latents.shape[0], options.batch_size):
-            x = latents[start:start + options.batch_size]
-            context, scale = self.context(info, x.shape[0], _rows(prompt, start, x.shape[0]),
+            x = latents[start:start + options.batch_size]                          # [b, 4, h, w]
+            context, scale = self.context(infos[0], x.shape[0], _rows(prompt, start, x.shape[0]),
                                           _rows(prompt_embeds, start, x.shape[0]), options.guidance_scale)
-            denoiser = AdapterDenoiser(self.unet, context, scale)
-            outputs.append(sample_dmp(denoiser, x, timesteps, self.alphas_cumprod, self.final_alpha,
-                                      prediction_type, options.sampler == "oracle", options.final_output,
-                                      callback=progress.step))
-        return torch.cat(outputs)
+            rows = [name for name in names for _ in range(x.shape[0])] if len(names) > 1 else None
+            if rows:  # adapter-major rows: [a1 x b; a2 x b; ...], the context likewise per half
+                halves = context.chunk(1 if scale is None else 2)
+                context = torch.cat([half.repeat(len(names), 1, 1) for half in halves])
+            denoiser = AdapterDenoiser(self.unet, context, scale, rows)
+            y = sample_dmp(denoiser, x.repeat(len(names), 1, 1, 1), timesteps, self.alphas_cumprod,
+                           self.final_alpha, prediction_type, options.sampler == "oracle", options.final_output,
+                           callback=progress.step)
+            outputs.append(y.chunk(len(names)))
+        return [torch.cat(parts) for parts in zip(*outputs)]
 
     # Prediction -----------------------------------------------------------------------------
 
@@ -334,19 +349,29 @@ class DMPModel:
         names = [self._require_adapter(name) for name in adapters]
         if not names:
             raise ValueError("no adapters given")
+        groups = self._task_groups(names, options)
         batch = to_image_batch(images)
         chunks = math.ceil(batch.shape[0] / options.batch_size)
-        progress = _Progress(callback, options.steps * chunks * len(names))
+        progress = _Progress(callback, options.steps * chunks * len(groups))
         # 2. Resize, pad and encode once.                                   # [B, 3, Hp, Wp] in [-1, 1]
         pixels, framing = frame_batch(batch, options.processing_resolution)
         x = torch.cat([self.encode(pixels[i:i + options.batch_size])
                        for i in range(0, pixels.shape[0], options.batch_size)])  # [B, 4, h, w]
         results = {}
+        for group in groups:
+            # 3. Sample the tasks' latents, decode, crop the padding, decode each task's values.
+            for name, y in zip(group, self._sample(x, group, options, prompt, prompt_embeds, progress)):
+                results[name] = self._finish(y, x, name, framing, options, return_latents)
+        return {name: results[name] for name in names}
+
+    def _task_groups(self, names: list[str], options: PredictOptions) -> list[list[str]]:
+        """Adapters that sample together: one each, or (batched) all sharing a prediction type."""
+        if options.task_batching == "sequential" or options.prediction_type is not None:
+            return [[n] for n in names] if options.task_batching == "sequential" else [names]
+        groups: dict[str, list[str]] = {}
         for name in names:
-            # 3. Sample this task's latents, decode, crop the padding, decode the task's values.
-            y = self._sample(x, name, options, prompt, prompt_embeds, progress)
-            results[name] = self._finish(y, x, name, framing, options, return_latents)
-        return results
+            groups.setdefault(self._adapters[name].info.prediction_type, []).append(name)
+        return list(groups.values())
 
     def _finish(self, y, x, name, framing, options, return_latents) -> Prediction:
         info = self._adapters[name].info

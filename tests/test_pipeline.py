@@ -253,3 +253,21 @@ def test_options_object_and_keyword_settings_agree(tiny_model):
     torch.testing.assert_close(tiny_model.predict(images, "depth-test-notext", options).raw,
                                tiny_model.predict(images, "depth-test-notext", steps=2, sampler="oracle",
                                                   processing_resolution=0).raw, atol=0, rtol=0)
+
+
+def test_batched_tasks_equal_sequential_tasks(tiny_model):
+    """All adapters in one UNet batch (peft's mixed-adapter rows) give the sequential results."""
+    images = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(7))
+    names = ["depth-test-notext", "normal-test-notext"]
+    seen = []
+    sequential = tiny_model.predict_tasks(images, names, processing_resolution=0, return_latents=True)
+    batched = tiny_model.predict_tasks(images, names, processing_resolution=0, return_latents=True,
+                                       task_batching="batched", callback=lambda d, t: seen.append(t))
+    assert seen == [5] * 5  # one sampler run serves both tasks
+    for name in names:
+        torch.testing.assert_close(batched[name].latents, sequential[name].latents, atol=1e-5, rtol=0)
+    assert not torch.allclose(batched[names[0]].latents, batched[names[1]].latents)
+    with_prompt = tiny_model.predict_tasks(images, names, processing_resolution=0, return_latents=True,
+                                           task_batching="batched", prompt="a room")
+    alone = tiny_model.predict(images, names[1], processing_resolution=0, return_latents=True, prompt="a room")
+    torch.testing.assert_close(with_prompt[names[1]].latents, alone.latents, atol=1e-5, rtol=0)
