@@ -139,3 +139,26 @@ def save_tiny_sd(folder: str | os.PathLike, seed: int = 0, with_tokenizer: bool 
         index["tokenizer"] = [None, None]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     return folder
+
+
+def save_random_adapter(unet, path: str | os.PathLike, seed: int = 0, task: str = "depth", rank: int = 4,
+                        scale: float = 0.1) -> Path:
+    """A random rank-`rank` adapter on every attention projection, saved like a trained one.
+
+    For examples and benchmarks that need an adapter but no trained weights. Returns the file.
+    """
+    from .adapters import ATTENTION_PROJECTIONS, AdapterInfo, infer_info_from_name, save_adapter
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in unet.named_modules():
+        if name.endswith((".attn1", ".attn2")):
+            for projection in ATTENTION_PROJECTIONS:
+                layer = module.get_submodule(projection)
+                layer = getattr(layer, "base_layer", layer)
+                tensors[f"{name}.{projection}.lora_A.weight"] = torch.randn(rank, layer.in_features,
+                                                                            generator=generator) * scale
+                tensors[f"{name}.{projection}.lora_B.weight"] = torch.randn(layer.out_features, rank,
+                                                                            generator=generator) * scale
+    facts = {**infer_info_from_name(task), "task": task, "rank": rank}
+    return save_adapter(path, tensors, AdapterInfo(**facts))
