@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from collections.abc import Mapping
@@ -292,7 +293,9 @@ def attach_adapter(unet, tensors: Mapping[str, torch.Tensor], adapter_name: str)
         r = down.shape[0]
         padded[f"{target}.lora_A.weight"] = torch.cat([down, down.new_zeros(rank - r, down.shape[1])])
         padded[f"{target}.lora_B.weight"] = torch.cat([up, up.new_zeros(up.shape[0], rank - r)], dim=1)
-    unet.load_lora_adapter(padded, prefix=None, adapter_name=adapter_name)
+    with warnings.catch_warnings():  # several adapters on one UNet is the point, not an accident
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        unet.load_lora_adapter(padded, prefix=None, adapter_name=adapter_name)
     patched = count_adapter_layers(unet, adapter_name)
     if patched != len(targets):
         unet.delete_adapters(adapter_name)

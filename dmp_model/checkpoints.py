@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 from collections.abc import Mapping, Sequence
@@ -86,12 +87,21 @@ def read_state_dict(path: str | os.PathLike, prefixes: Sequence[str] | None = No
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as err:
         raise CheckpointError(
-            f"{path} contains Python objects other than tensors, which are not loaded for safety "
-            f"({str(err).splitlines()[0]}); convert it to .safetensors") from err
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        raise CheckpointError(f"cannot read {path} ({err}); the file is corrupt or truncated: download it again"
+            f"{path} contains Python objects other than tensors, which are not loaded for safety, "
+            f"or is corrupt ({_unpickling_detail(err)}); convert it to .safetensors or download it again") from err
+    # Damaged pickles fail deep inside the unpickler with any of these (seen with random bytes).
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, IndexError,
+            struct.error) as err:
+        raise CheckpointError(f"cannot read {path} ({type(err).__name__}: {err}); the file is corrupt or truncated: "
+                              "download it again"
                               ) from err
     return {k: v for k, v in _unwrap(state, path).items() if keep(k)}, {}
+
+
+def _unpickling_detail(err: Exception) -> str:
+    """The informative line of torch's long weights_only message (the refused global or opcode)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
 
 
 def _is_zip(path: Path) -> bool:
@@ -119,7 +129,9 @@ def read_key_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
 def detect_family(shapes: Mapping[str, Sequence[int]]) -> str:
     """Which kind of model a single-file checkpoint holds, from its key names and shapes."""
     keys = list(shapes)
-    if any(".lora_" in k or "lora_down" in k or "lora_A" in k or k.startswith("lora_") for k in keys):
+    # kohya (lora_unet_*.lora_down), peft (.lora_A.), old diffusers (.lora.down.), DMP's own (to_q_lora.down.)
+    if any(".lora_" in k or "_lora." in k or ".lora." in k or "lora_down" in k or "lora_A" in k
+           or k.startswith("lora_") for k in keys):
         return "lora"
     if any("double_blocks." in k for k in keys):
         return "flux"
@@ -129,6 +141,8 @@ def detect_family(shapes: Mapping[str, Sequence[int]]) -> str:
         return "sdxl"
     conv_in = shapes.get(_UNET + "input_blocks.0.0.weight")
     if conv_in is None:
+        if any(k.startswith(_UNET) for k in keys):
+            return "unknown"  # an SD-layout UNet without its input convolution: incomplete
         if any(k.startswith(("encoder.", "decoder.", "first_stage_model.")) for k in keys):
             return "vae"
         if any(k.startswith(("down_blocks.", "mid_block.", "text_model.", "encoder.layers.")) for k in keys):

@@ -5,8 +5,9 @@ imports them.
     dmp predict photos/ --base sd15.safetensors --adapter ckpt/depth-hypersim-notext -o out/
 
 Under ``accelerate launch`` (or torchrun) each process takes every N-th file of the sorted list,
-so a large folder is shared out and no file is written twice. Existing outputs are skipped
-unless --overwrite, so an interrupted run resumes where it stopped.
+so a large folder is shared out and no file is written twice (on a CPU-only machine, accelerate
+starts several processes only with ``--multi_gpu --num_processes N``; ``--cpu`` starts one).
+Existing outputs are skipped unless --overwrite, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -93,9 +94,14 @@ def output_stems(files: Sequence[Path], inputs: Sequence[str]) -> dict[Path, Pat
 def _shard(files: list[Path]) -> tuple[list[Path], int, int, str]:
     """This process's share of the files, its rank, the process count and its device."""
     try:
+        import torch
         from accelerate import PartialState
 
-        state = PartialState()
+        # Without cpu=True, PartialState takes a CPU-only torchrun / `accelerate launch --multi_gpu` run
+        # for N single processes (DistributedType.NO), and every process would write every file.
+        cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") \
+            or not torch.cuda.is_available()
+        state = PartialState(cpu=cpu)
         rank, world, device = state.process_index, state.num_processes, str(state.device)
     except ImportError:
         rank, world, device = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), "auto"
@@ -152,15 +158,24 @@ def run_predict(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:
         logger.error("%s", err)
         return 2
-    mine, rank, world, device = _shard(files)
-    device = args.device if args.device != "auto" else device
-    model = DMPModel.from_pretrained(args.base, device, args.precision, args.config, args.tokenizer, args.cache_dir)
     names = [adapter_name_for(path) for path in args.adapter]
     if len(set(names)) < len(names):
         logger.error("adapters must have distinct names, got %s", names)
         return 2
-    for path in args.adapter:
-        model.load_adapter(path)
+    mine, rank, world, device = _shard(files)
+    device = args.device if args.device != "auto" else device
+    try:  # a missing or wrong base or adapter is a usage error: a message, not a traceback
+        model = DMPModel.from_pretrained(args.base, device, args.precision, args.config, args.tokenizer,
+                                         args.cache_dir)
+        for path in args.adapter:
+            model.load_adapter(path)
+        if args.prompt and model.text.tokenizer is None:
+            raise ValueError("--prompt needs the CLIP tokenizer, and this base has none: pass --tokenizer "
+                             "<folder with vocab.json and merges.txt> (e.g. the tokenizer/ folder of an SD 1.x "
+                             "diffusers model)")
+    except (ValueError, TypeError, FileNotFoundError) as err:  # CheckpointError is a ValueError
+        logger.error("%s", err)
+        return 2
     output = Path(args.output)
 
     def paths(file: Path, name: str) -> dict[str, Path]:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from dmp_model.colormaps import normalize_per_image, per_image_percentiles
-from dmp_model.palettes import paint
+from .colormaps import normalize_per_image, per_image_percentiles
+from .palettes import paint
 
 DEPTH_CONTROL_MODES = ("percentile", "disparity")
 

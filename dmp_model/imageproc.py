@@ -32,13 +32,13 @@ class Framing:
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """An image file as float32 [3, H, W] in [0, 1]."""
-    from PIL import Image, UnidentifiedImageError
+    """An image file as float32 [3, H, W] in [0, 1], turned upright by its EXIF orientation as viewers show it."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             image.load()
-            return pil_to_tensor(image)
+            return pil_to_tensor(ImageOps.exif_transpose(image))
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
 
@@ -84,8 +84,9 @@ def array_to_tensor(array: np.ndarray) -> torch.Tensor:
 def to_image_batch(images) -> torch.Tensor:
     """Any supported input as one float32 batch [B, 3, H, W] in [0, 1].
 
-    Accepts a tensor [B, 3, H, W] or [3, H, W] in [0, 1], a PIL image, a numpy array, a file path,
-    or a list of those (all of one size). Raises on empty input, non-finite pixels or mixed sizes.
+    Accepts a tensor [B, 3, H, W] or [3, H, W] (float in [0, 1], or uint8), a PIL image, a numpy
+    array, a file path, or a list of those (all of one size; a [B, 3, H, W] item brings B images).
+    Raises on empty input, non-finite pixels or mixed sizes.
     """
     from PIL import Image
 
@@ -93,6 +94,10 @@ def to_image_batch(images) -> torch.Tensor:
         batch = images.unsqueeze(0) if images.ndim == 3 else images
         if batch.ndim != 4 or batch.shape[1] not in (1, 3, 4):
             raise ValueError(f"image tensors must be [B, 3, H, W] or [3, H, W], got shape {tuple(images.shape)}")
+        if batch.dtype == torch.uint8:
+            batch = batch / 255.0
+        elif not batch.is_floating_point():
+            raise TypeError(f"image tensors must be float in [0, 1] or uint8, got dtype {images.dtype}")
         batch = batch.float()
         if batch.shape[1] == 1:
             batch = batch.expand(-1, 3, -1, -1)
@@ -109,7 +114,7 @@ def to_image_batch(images) -> torch.Tensor:
             elif isinstance(item, np.ndarray):
                 tensors.append(array_to_tensor(item))
             elif isinstance(item, torch.Tensor):
-                tensors.append(to_image_batch(item)[0] if item.ndim == 3 else to_image_batch(item))
+                tensors.extend(to_image_batch(item))  # a [B, 3, H, W] item brings all its B images
             else:
                 raise TypeError(f"unsupported image type {type(item).__name__}; "
                                 "pass tensors, PIL images, numpy arrays or file paths")
@@ -119,19 +124,23 @@ def to_image_batch(images) -> torch.Tensor:
         if len(sizes) > 1:
             raise ValueError(f"images of different sizes {sizes} cannot share a batch; "
                              "predict them separately (the CLI groups files by size)")
-        batch = torch.stack([t if t.ndim == 3 else t[0] for t in tensors])
+        batch = torch.stack(tensors)
     check_image_batch(batch)
-    return batch.contiguous()
+    return batch.clamp(0, 1).contiguous()
 
 
 def check_image_batch(batch: torch.Tensor) -> None:
-    """Refuse empty batches, zero-sized images and NaN/Inf pixels before any work is done."""
+    """Refuse empty batches, zero-sized images, NaN/Inf pixels and 0-255 floats before any work is done."""
     if batch.shape[0] == 0:
         raise ValueError("no images given (empty batch)")
     if batch.shape[-1] == 0 or batch.shape[-2] == 0:
         raise ValueError(f"images have zero size {tuple(batch.shape[-2:])}")
     if not torch.isfinite(batch).all():
         raise ValueError("images contain NaN or infinite pixel values; clean the input (e.g. clamp to [0, 1])")
+    low, high = batch.min().item(), batch.max().item()
+    if low < -0.5 or high > 2.0:  # small overshoots from upstream resampling are clamped below
+        raise ValueError(f"image values span {low:g}..{high:g}, expected floats in [0, 1] "
+                         "(divide 0-255 images by 255)")
 
 
 def processing_size(height: int, width: int, resolution: int) -> tuple[int, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -225,3 +226,40 @@ def _single_file_text_encoder_loader(path: Path, config_dir: Path, dtype: torch.
         return model
 
     return load
+
+
+def estimate_base_bytes(path: str | os.PathLike, precision: str = "fp32") -> int:
+    """Bytes the UNet and VAE of a base will take once loaded, to free that much memory first.
+
+    Safetensors headers give exact parameter counts without reading any weights; pickled files
+    (.ckpt, .bin) count by their size on disk, an upper bound. The text encoder is not counted:
+    it is loaded lazily, and only for prompts.
+
+    Args:
+        path: a diffusers folder or a single-file checkpoint (as ``load_base`` takes).
+        precision: one of PRECISIONS; "auto" counts as fp32, the larger.
+
+    Returns:
+        the estimate in bytes (0 when `path` does not exist).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    itemsize = _DTYPES.get(precision, torch.float32).itemsize
+    path = Path(path)
+    if path.is_file():
+        files, prefixes = [path], ("model.diffusion_model.", "first_stage_model.")
+    elif path.is_dir():
+        files = sorted(f for part in ("unet", "vae") for f in (path / part).glob("*")
+                       if f.suffix in (".safetensors", ".bin"))
+        prefixes = ("",)
+    else:
+        return 0
+    total = 0
+    for file in files:
+        if file.suffix != ".safetensors":
+            total += file.stat().st_size
+            continue
+        for key, shape in read_key_shapes(file).items():
+            if key.startswith(prefixes):
+                total += math.prod(shape) * itemsize
+    return total

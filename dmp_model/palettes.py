@@ -231,6 +231,24 @@ def class_masks(ids: torch.Tensor, class_ids: Sequence[int]) -> torch.Tensor:
     return torch.isin(ids, wanted_t).float()
 
 
+def class_fractions(ids: torch.Tensor) -> list[tuple[int, float]]:
+    """Which classes a class-id map holds, and the share of pixels each covers.
+
+    Args:
+        ids: integer tensor [B, H, W] of class ids in 0..149 (the whole batch counts together).
+
+    Returns:
+        (class id, fraction of pixels) pairs for every class present, largest share first
+        (ties by class id); fractions sum to 1, an empty map gives [].
+    """
+    _check_ids(ids)
+    if ids.numel() == 0:
+        return []
+    counts = torch.bincount(ids.flatten().long().cpu(), minlength=NUM_CLASSES)
+    present = [(int(c), int(n)) for c, n in enumerate(counts.tolist()) if n]
+    return [(c, n / ids.numel()) for c, n in sorted(present, key=lambda item: (-item[1], item[0]))]
+
+
 def _describe(value: object) -> str:
     """Short description of a bad argument for error messages."""
     if isinstance(value, torch.Tensor):

@@ -198,6 +198,20 @@ class DMPModel:
         logger.info("loaded adapter %r from %s: %d layers, task %s", name, file, layers, info.task)
         return info
 
+    def register_adapter(self, name: str, info: AdapterInfo) -> AdapterInfo:
+        """Use an adapter already attached to the UNet by peft (a trainer's ``unet.add_adapter``) by name.
+
+        Its weights stay live: ``predict`` follows them as they train. Raises if the UNet has no
+        LoRA layers named `name`.
+        """
+        if not isinstance(info, AdapterInfo):
+            raise TypeError(f"info must be an AdapterInfo, got {type(info).__name__}")
+        layers = adapter_files.count_adapter_layers(self.unet, name)
+        if not layers:
+            raise ValueError(f"the UNet has no LoRA layers of adapter {name!r}; attach it first (unet.add_adapter)")
+        self._adapters[name] = _LoadedAdapter(info, Path(), (), layers)
+        return info
+
     def remove_adapter(self, name: str) -> None:
         """Detach an adapter."""
         self._require_adapter(name)

@@ -25,6 +25,15 @@ TOKENIZER_HINT = (
     "(e.g. ComfyUI's CLIP Text Encode output)")
 
 
+def context_length(tokenizer) -> int:
+    """Tokens per prompt: the tokenizer's limit, at most SD's 77 text positions.
+
+    ComfyUI's own SD 1.x tokenizer (comfy/sd1_tokenizer) declares model_max_length 8192, because
+    ComfyUI splits long prompts itself; padding to that would overflow the 77 positions.
+    """
+    return min(int(tokenizer.model_max_length), SD_CONTEXT_LENGTH)
+
+
 def empty_prompt_ids(tokenizer=None, vocab_size: int = 49408) -> torch.Tensor:
     """Token ids of "" padded to the context length: [1, 77] (49406, then 49407 x 76 for SD 1.x).
 
@@ -32,7 +41,7 @@ def empty_prompt_ids(tokenizer=None, vocab_size: int = 49408) -> torch.Tensor:
     used, which only fit a text encoder with SD's vocabulary.
     """
     if tokenizer is not None:
-        return tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+        return tokenizer([""], padding="max_length", max_length=context_length(tokenizer),
                          return_tensors="pt").input_ids
     if vocab_size <= SD_END_TOKEN:
         raise ValueError(f"the text encoder's vocabulary ({vocab_size} tokens) is not SD 1.x's; " + TOKENIZER_HINT)
@@ -80,19 +89,20 @@ class TextConditioner:
             self._empty = self._read_cache()
         if self._empty is None:
             keep = self.text_encoder is not None
-            encoder = self._encoder()
-            ids = empty_prompt_ids(self.tokenizer, encoder.config.vocab_size)
-            self._empty = self._encode_ids(ids)
+            try:
+                ids = empty_prompt_ids(self.tokenizer, self._encoder().config.vocab_size)
+                self._empty = self._encode_ids(ids)
+            finally:
+                if not keep:
+                    self.release()
             self._write_cache()
-            if not keep:
-                self.release()
         return self._empty.to(self.device, self.dtype)
 
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """Embeddings [B, 77, D] of prompts, as diffusers' ``text_encoder(ids)[0]``."""
         if self.tokenizer is None:
             raise ValueError("a text prompt needs the CLIP tokenizer, and this base has none: " + TOKENIZER_HINT)
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=context_length(self.tokenizer),
                              truncation=True, return_tensors="pt").input_ids
         return self._encode_ids(ids).to(self.dtype)
 

@@ -1,0 +1,118 @@
+"""The engine stands alone: no ComfyUI, no node pack, no trainer, no heavy diffusers import, no print, no unsafe load.
+
+Checked twice: statically (every import statement of every dmp_model module, by AST) and dynamically
+(importing every module in a fresh interpreter and looking at sys.modules).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "dmp_model"
+SOURCES = sorted(PACKAGE.rglob("*.py"))
+# ComfyUI's modules, and this repository's own layers above the engine.
+FORBIDDEN = ("comfy", "comfy_extras", "comfy_execution", "folder_paths", "server", "nodes", "execution",
+             "training")
+
+
+def imported_modules(tree: ast.AST) -> list[tuple[str, int]]:
+    """Absolute module names imported anywhere in a file (function-level imports included), with lines."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.module, node.lineno))
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in (
+                "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+            found.append((str(node.args[0].value), node.lineno))
+    return found
+
+
+def parse(path: Path) -> ast.AST:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def test_sources_are_found():
+    names = {p.name for p in SOURCES}
+    assert {"__init__.py", "pipeline.py", "loading.py", "cli.py", "text.py"} <= names
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+def test_no_forbidden_imports_in_the_source(path):
+    bad = [(name, line) for name, line in imported_modules(parse(path)) if name.split(".")[0] in FORBIDDEN]
+    assert bad == [], f"{path.name} imports {bad}"
+
+
+def test_the_ast_check_does_catch_forbidden_imports():
+    code = ("import os\ndef f():\n    import comfy.utils\n    from nodes import X\n"
+            "    importlib.import_module('training.cli')\n")
+    names = [name.split(".")[0] for name, _ in imported_modules(ast.parse(code))]
+    assert [n for n in names if n in FORBIDDEN] == ["comfy", "nodes", "training"]
+
+
+def test_importing_every_module_pulls_in_nothing_forbidden_and_no_diffusers_pipelines():
+    script = """
+import importlib, json, pkgutil, sys
+import dmp_model
+after_package = sorted(sys.modules)
+for info in pkgutil.walk_packages(dmp_model.__path__, "dmp_model."):
+    if info.name != "dmp_model.__main__":  # runs the CLI
+        importlib.import_module(info.name)
+print(json.dumps({"after_package": after_package, "after_all": sorted(sys.modules)}))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    modules = json.loads(result.stdout.strip().splitlines()[-1])
+    for stage in ("after_package", "after_all"):
+        bad = [m for m in modules[stage] if m.split(".")[0] in FORBIDDEN]
+        assert bad == [], f"{stage}: {bad}"
+        assert "diffusers.pipelines" not in modules[stage], stage
+    assert "dmp_model.pipeline" in modules["after_package"] and "dmp_model.cli" in modules["after_all"]
+
+
+def is_print(node: ast.AST) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"
+
+
+def is_torch_load(node: ast.AST) -> bool:
+    func = getattr(node, "func", None)
+    return isinstance(node, ast.Call) and isinstance(func, ast.Attribute) and func.attr == "load" and \
+        isinstance(func.value, ast.Name) and func.value.id == "torch"
+
+
+def weights_only_true(call: ast.Call) -> bool:
+    return any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+               for k in call.keywords)
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+def test_no_print_and_no_unsafe_torch_load(path):
+    tree = parse(path)
+    prints = [n.lineno for n in ast.walk(tree) if is_print(n)]
+    unsafe = [n.lineno for n in ast.walk(tree) if is_torch_load(n) and not weights_only_true(n)]
+    assert prints == [], f"{path.name}: print() at lines {prints}; use logging"
+    assert unsafe == [], f"{path.name}: torch.load without weights_only=True at lines {unsafe}"
+
+
+def test_the_ast_checks_do_catch_print_and_unsafe_loads():
+    tree = ast.parse("print('x')\ntorch.load(p)\ntorch.load(p, weights_only=False)\n"
+                     "torch.load(p, weights_only=True)\n")
+    assert sum(is_print(n) for n in ast.walk(tree)) == 1
+    loads = [n for n in ast.walk(tree) if is_torch_load(n)]
+    assert [weights_only_true(n) for n in loads] == [False, False, True]
+
+
+def test_torch_load_is_used_somewhere_so_the_check_means_something():
+    calls = [n for p in SOURCES for n in ast.walk(parse(p)) if is_torch_load(n)]
+    assert calls and all(weights_only_true(n) for n in calls)
