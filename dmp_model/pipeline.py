@@ -25,7 +25,7 @@ from .colormaps import COLORMAPS
 from .denoiser import AdapterDenoiser
 from .imageproc import frame_batch, processing_size, to_image_batch, unframe
 from .loading import BaseComponents, load_base
-from .sampling import (FINAL_OUTPUTS, PREDICTION_TYPES, SAMPLERS, alphas_cumprod_from_config,
+from .sampling import (FINAL_OUTPUTS, PREDICTION_TYPES, SAMPLERS, schedule_from_config,
                        get_timesteps, sample_dmp)
 from .tasks import get_codec
 from .text import TextConditioner, cache_file_for
@@ -131,10 +131,7 @@ class DMPModel:
         self.source = components.source
         self.device, self.dtype = components.device, components.dtype
         self.scheduler_config = components.scheduler_config
-        self.alphas_cumprod = alphas_cumprod_from_config(components.scheduler_config)
-        set_alpha_to_one = components.scheduler_config.get("set_alpha_to_one", False)
-        self.final_alpha = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
-        self.steps_offset = int(components.scheduler_config.get("steps_offset", 1))
+        self.schedule = schedule_from_config(components.scheduler_config)
         self.text = TextConditioner(components.load_text_encoder, components.load_tokenizer, self.device,
                                     self.dtype, cache_file_for(components.source, cache_dir))
         self._adapters: dict[str, _LoadedAdapter] = {}
@@ -159,6 +156,11 @@ class DMPModel:
         for adapter in adapters:
             model.load_adapter(adapter)
         return model
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The base's alphas_cumprod [1000] (what training's interpolation uses too)."""
+        return self.schedule.alphas_cumprod
 
     # Adapters -------------------------------------------------------------------------------
 
@@ -308,7 +310,9 @@ class DMPModel:
         """Final latents for each adapter in `names`, which run together in one batch if several."""
         infos = [self._adapters[name].info for name in names]
         prediction_type = options.prediction_type or infos[0].prediction_type
-        timesteps = get_timesteps(options.steps, options.spacing, self.alphas_cumprod.shape[0], self.steps_offset)
+        schedule = self.schedule
+        timesteps = get_timesteps(options.steps, options.spacing, schedule.alphas_cumprod.shape[0],
+                                  schedule.steps_offset)
         if len(names) == 1:
             self.unet.set_adapter(names[0])
         outputs = []
@@ -321,9 +325,9 @@ class DMPModel:
                 halves = context.chunk(1 if scale is None else 2)
                 context = torch.cat([half.repeat(len(names), 1, 1) for half in halves])
             denoiser = AdapterDenoiser(self.unet, context, scale, rows)
-            y = sample_dmp(denoiser, x.repeat(len(names), 1, 1, 1), timesteps, self.alphas_cumprod,
-                           self.final_alpha, prediction_type, options.sampler == "oracle", options.final_output,
-                           callback=progress.step)
+            y = sample_dmp(denoiser, x.repeat(len(names), 1, 1, 1), timesteps, schedule.alphas_cumprod,
+                           schedule.final_alpha, prediction_type, options.sampler == "oracle", options.final_output,
+                           callback=progress.step, clip_sample=schedule.clip_sample)
             outputs.append(y.chunk(len(names)))
         return [torch.cat(parts) for parts in zip(*outputs)]
 

@@ -13,8 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import logging
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
 SAMPLERS = ("ddim", "oracle")
@@ -23,6 +28,35 @@ FINAL_OUTPUTS = ("z", "y_hat")
 
 Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The constants the sampler takes from a base's scheduler config.
+
+    Attributes:
+        alphas_cumprod: float32 [num_train_timesteps].
+        final_alpha: alpha after the last step (alphas_cumprod[0] = 0.99915 for SD 1.x).
+        steps_offset: added to "leading" timesteps (1 for SD 1.x).
+        clip_sample: clamp range for y_hat when the config clips (SD 1.x does not: None).
+    """
+
+    alphas_cumprod: torch.Tensor
+    final_alpha: torch.Tensor
+    steps_offset: int
+    clip_sample: float | None
+
+
+def schedule_from_config(scheduler_config: dict) -> Schedule:
+    """Resolve a scheduler config as diffusers' DDIMScheduler does, defaults included (as the reference)."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    config = scheduler.config
+    if config.thresholding:
+        logger.warning("the scheduler config asks for dynamic thresholding, which DMP does not use; ignored")
+    return Schedule(scheduler.alphas_cumprod.clone(), torch.as_tensor(scheduler.final_alpha_cumprod).clone(),
+                    int(config.steps_offset), float(config.clip_sample_range) if config.clip_sample else None)
 
 
 def alphas_cumprod_from_config(scheduler_config: dict) -> torch.Tensor:
@@ -150,6 +184,7 @@ def sample_dmp(
     oracle: bool = False,
     final_output: str = "z",
     callback: StepCallback | None = None,
+    clip_sample: float | None = None,
 ) -> torch.Tensor:
     """DMP's deterministic interpolation sampler, from the input latent x to the prediction latent.
 
@@ -164,6 +199,7 @@ def sample_dmp(
         final_output: "z" returns the last z, as the reference (keeps 0.029 * x at a_prev = 0.99915);
             "y_hat" returns the model's estimate of y at the last step.
         callback: ``callback(i, N, z)`` after each step; may raise to interrupt.
+        clip_sample: clamp y_hat to [-clip_sample, clip_sample] (DDIM's clip_sample; off for SD 1.x).
 
     Returns:
         prediction latents [B, 4, h, w].
@@ -179,6 +215,8 @@ def sample_dmp(
         alpha = alphas_cumprod[t]
         output = model(z, t)
         y_hat, x_hat = split_prediction(output, z, alpha, prediction_type, x if oracle else None)
+        if clip_sample is not None:
+            y_hat = y_hat.clamp(-clip_sample, clip_sample)
         z = ddim_step(y_hat, x_hat, previous_alpha(alphas_cumprod, t, num_steps, final_alpha))
         if callback is not None:
             callback(i, num_steps, z)

@@ -271,3 +271,29 @@ def test_batched_tasks_equal_sequential_tasks(tiny_model):
                                            task_batching="batched", prompt="a room")
     alone = tiny_model.predict(images, names[1], processing_resolution=0, return_latents=True, prompt="a room")
     torch.testing.assert_close(with_prompt[names[1]].latents, alone.latents, atol=1e-5, rtol=0)
+
+
+def test_scheduler_config_defaults_resolve_as_diffusers_does(tiny_base, tmp_path):
+    """A config missing keys gets diffusers' DDIM defaults (clip_sample on!), as the reference would."""
+    import json
+    import shutil
+
+    folder = tmp_path / "base"
+    shutil.copytree(tiny_base, folder)
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    for key in ("clip_sample", "set_alpha_to_one", "steps_offset"):
+        config.pop(key)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    model = DMPModel.from_pretrained(folder, device="cpu", precision="fp32")
+    assert model.schedule.clip_sample == 1.0 and model.schedule.steps_offset == 0
+    assert model.schedule.final_alpha.item() == 1.0
+    model.load_adapter(write_official_adapter(model.unet, tmp_path / "depth-q-notext", seed=3, scale=0.5))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
+    uncond = model.text.empty_embedding()
+    model.unet.set_adapter("depth-q-notext")  # the same network on both sides; the schedules are compared
+    expected = reference_loop(model.unet, folder, x, 5, "v_prediction", False, uncond)
+    ours = model.sample(x, "depth-q-notext")
+    torch.testing.assert_close(ours, expected, atol=5e-4, rtol=0)
+    unclipped = DMPModel.from_pretrained(tiny_base, device="cpu", precision="fp32")
+    unclipped.load_adapter(tmp_path / "depth-q-notext")
+    assert not torch.allclose(unclipped.sample(x, "depth-q-notext"), ours, atol=1e-3)  # clipping mattered

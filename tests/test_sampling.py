@@ -197,3 +197,16 @@ def test_unknown_prediction_type_and_final_output_raise():
         sample_dmp(fake_model(1), latents(1), [1], ALPHAS, A0, "x0")
     with pytest.raises(ValueError, match="final_output must be one of"):
         sample_dmp(fake_model(1), latents(1), [1], ALPHAS, A0, final_output="last")
+
+
+def test_clip_sample_clamps_the_estimate_of_y_only():
+    x = latents(15) * 5
+    model = fake_model(16)
+    scheduler = DDIMScheduler.from_config({**SCHEDULER_CONFIG, "clip_sample": True})
+    scheduler.set_timesteps(5)
+    z = x
+    for t in scheduler.timesteps:
+        z = scheduler.step(model(z, int(t)), t, z).prev_sample
+    ours = sample_dmp(model, x, get_timesteps(5), ALPHAS, A0, clip_sample=1.0)
+    torch.testing.assert_close(ours, z, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours, sample_dmp(model, x, get_timesteps(5), ALPHAS, A0), atol=1e-3)
