@@ -1,0 +1,144 @@
+"""Prediction nodes: one task, or every task of a DMP_MODEL from one VAE encode."""
+
+from __future__ import annotations
+
+import torch
+
+from ..dmp_model import SAMPLERS, SPACINGS, PredictOptions
+from . import comfy_bridge as bridge
+from .common import CATEGORY, image_out, images_in, prompt_inputs
+from .models import TASK_CHOICES
+
+# The tasks with an output of their own on DMP Predict Tasks, in output order.
+OUTPUT_TASKS = ("depth", "normal", "segmentation", "albedo", "shading")
+
+_TIPS = {
+    "steps": "Sampler steps (UNet calls per image); DMP uses 5.",
+    "sampler": "ddim: the standard DDIM update (DMP's default); oracle: DMP's variant that keeps the "
+               "input image's latent as the noise estimate.",
+    "spacing": "Timestep spacing: leading (801, 601, ... 1 for 5 steps, as DMP) or trailing "
+               "(starts at 999; better for 1-2 steps).",
+    "processing_resolution": "Shorter image side while predicting (DMP: 512); the result is resized "
+                             "back to the input size. 0 keeps the input size.",
+    "batch_size": "Images per UNet batch; lower it if memory runs out on big batches.",
+    "prompt": "Optional prompt for adapters trained with captions (the paper's bedroom adapters); leave "
+              "empty for '-notext' adapters.",
+    "conditioning": "Optional prompt as a CONDITIONING from an SD 1.x CLIP Text Encode (instead of the "
+                    "text).",
+    "guidance_scale": "Classifier-free guidance with a prompt (DMP: 2); 1 = no guidance. Ignored "
+                      "without a prompt.",
+    "task": "Which adapter of the DMP model runs: the first one of this task; auto = the loader's first "
+            "adapter.",
+}
+
+
+def _settings_inputs() -> dict:
+    """Sampler and processing widgets shared by both prediction nodes."""
+    return {
+        "steps": ("INT", {"default": 5, "min": 1, "max": 1000, "tooltip": _TIPS["steps"]}),
+        "sampler": (list(SAMPLERS), {"default": "ddim", "tooltip": _TIPS["sampler"]}),
+        "spacing": (list(SPACINGS), {"default": "leading", "tooltip": _TIPS["spacing"]}),
+        "processing_resolution": ("INT", {"default": 512, "min": 0, "max": 4096, "step": 8,
+                                          "tooltip": _TIPS["processing_resolution"]}),
+        "batch_size": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": _TIPS["batch_size"]}),
+    }
+
+
+def _prompt_inputs() -> dict:
+    return {
+        "prompt": ("STRING", {"default": "", "multiline": True, "tooltip": _TIPS["prompt"]}),
+        "conditioning": ("CONDITIONING", {"tooltip": _TIPS["conditioning"]}),
+        "guidance_scale": ("FLOAT", {"default": 2.0, "min": 1.0, "max": 20.0, "step": 0.1,
+                                     "tooltip": _TIPS["guidance_scale"]}),
+    }
+
+
+def _options(steps, sampler, spacing, processing_resolution, batch_size, guidance_scale) -> PredictOptions:
+    return PredictOptions(steps=steps, sampler=sampler, spacing=spacing, batch_size=batch_size,
+                          processing_resolution=processing_resolution, guidance_scale=float(guidance_scale))
+
+
+class DMPPredict:
+    """DMP Predict: one task for a batch of images."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "dmp_model": ("DMP_MODEL", {"tooltip": "From Load DMP Model."}),
+                "image": ("IMAGE", {"tooltip": "Images to predict for (a batch of one size), from any "
+                                               "source, e.g. an SDXL or Flux generation."}),
+                "task": (list(TASK_CHOICES), {"default": "auto", "tooltip": _TIPS["task"]}),
+                **_settings_inputs(),
+            },
+            "optional": _prompt_inputs(),
+        }
+
+    RETURN_TYPES = ("IMAGE", "DMP_PREDICTION")
+    RETURN_NAMES = ("visual", "prediction")
+    OUTPUT_TOOLTIPS = (
+        "A preview of the prediction (depth coloured near-to-far, normals as RGB, segmentation in DMP's "
+        "palette, albedo, shading).",
+        "The raw result (metres, unit normals, class ids, albedo, shading) for the DMP map, intrinsics "
+        "and save nodes.",
+    )
+    FUNCTION = "predict"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Runs one DMP task adapter on a batch of images: depth (metres), surface normals, "
+                   "ADE20K segmentation, albedo or shading. Deterministic; the progress bar advances per "
+                   "sampler step.")
+
+    def predict(self, dmp_model, image, task, steps, sampler, spacing, processing_resolution, batch_size=4,
+                prompt="", conditioning=None, guidance_scale=2.0):
+        name = dmp_model.adapter_for(task)
+        options = _options(steps, sampler, spacing, processing_resolution, batch_size, guidance_scale)
+        text, embeds = prompt_inputs(prompt, conditioning)
+        with bridge.on_device(dmp_model.model, dmp_model.base.patcher):
+            result = dmp_model.model.predict(images_in(image), name, options, prompt=text,
+                                             prompt_embeds=embeds, callback=bridge.Progress())
+        return (image_out(result.visual), result)
+
+
+class DMPPredictTasks:
+    """DMP Predict Tasks: every task of a DMP model from one VAE encode."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "dmp_model": ("DMP_MODEL", {"tooltip": "From Load DMP Model, with an adapter per task."}),
+                "image": ("IMAGE", {"tooltip": "Images to predict for (a batch of one size)."}),
+                **_settings_inputs(),
+            },
+            "optional": _prompt_inputs(),
+        }
+
+    RETURN_TYPES = ("DMP_PREDICTION",) * len(OUTPUT_TASKS) + ("IMAGE",)
+    RETURN_NAMES = (*OUTPUT_TASKS, "previews")
+    OUTPUT_TOOLTIPS = tuple(
+        f"The {task} prediction (nodes using it stop with an error if the DMP model has no {task} adapter)."
+        for task in OUTPUT_TASKS) + (
+        "Previews of every task predicted, task after task (depth, normal, segmentation, albedo, shading), "
+        "each a batch as large as the input.",)
+    FUNCTION = "predict"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Runs every task adapter of the DMP model on the same images, encoding them only once: "
+                   "one prediction output per task (the first adapter of each task is used).")
+
+    def predict(self, dmp_model, image, steps, sampler, spacing, processing_resolution, batch_size=4,
+                prompt="", conditioning=None, guidance_scale=2.0):
+        names = {task: dmp_model.find(task) for task in OUTPUT_TASKS}
+        wanted = [name for name in names.values() if name is not None]
+        if not wanted:
+            raise ValueError(f"the DMP model has no adapter for any of {OUTPUT_TASKS} (it has: "
+                             f"{dmp_model.describe()}); add them in Load DMP Model")
+        options = _options(steps, sampler, spacing, processing_resolution, batch_size, guidance_scale)
+        text, embeds = prompt_inputs(prompt, conditioning)
+        with bridge.on_device(dmp_model.model, dmp_model.base.patcher):
+            results = dmp_model.model.predict_tasks(images_in(image), wanted, options, prompt=text,
+                                                    prompt_embeds=embeds, callback=bridge.Progress())
+        outputs = tuple(results[name] if name is not None else bridge.blocked(
+            f"DMP Predict Tasks has no {task} prediction: the DMP model has no {task} adapter "
+            f"(it has: {dmp_model.describe()}); add one in Load DMP Model") for task, name in names.items())
+        previews = image_out(torch.cat([results[name].visual for name in wanted]))
+        return (*outputs, previews)

@@ -1,0 +1,152 @@
+"""ComfyUI's own frontend as the judge of the UI format: load a workflow in headless Chromium and
+ask the app for its API prompt (``app.graphToPrompt()``), through the DevTools protocol.
+
+Standard library only (a minimal WebSocket client), so the e2e script needs no extra package.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+
+class WebSocket:
+    """Just enough of RFC 6455 for the DevTools protocol: text frames, client masking."""
+
+    def __init__(self, url: str, timeout: float = 60):
+        host_port, path = url.removeprefix("ws://").split("/", 1)
+        host, port = host_port.split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /{path} HTTP/1.1\r\nHost: {host_port}\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                           "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        response = b""
+        while b"\r\n\r\n" not in response:
+            response += self.sock.recv(4096)
+        if b" 101 " not in response.split(b"\r\n", 1)[0]:
+            raise ConnectionError(f"WebSocket handshake failed: {response[:200]!r}")
+        self.buffer = response.split(b"\r\n\r\n", 1)[1]
+
+    def send(self, text: str) -> None:
+        data, mask = text.encode(), os.urandom(4)
+        header = bytes([0x81])
+        if len(data) < 126:
+            header += bytes([0x80 | len(data)])
+        elif len(data) < 1 << 16:
+            header += bytes([0x80 | 126]) + struct.pack(">H", len(data))
+        else:
+            header += bytes([0x80 | 127]) + struct.pack(">Q", len(data))
+        self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+
+    def _read(self, count: int) -> bytes:
+        while len(self.buffer) < count:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("DevTools connection closed")
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:count], self.buffer[count:]
+        return data
+
+    def receive(self) -> str:
+        """The next text message (binary messages, such as image previews, are skipped)."""
+        message = b""
+        while True:
+            first, second = self._read(2)
+            length = second & 0x7F
+            if length == 126:
+                length = struct.unpack(">H", self._read(2))[0]
+            elif length == 127:
+                length = struct.unpack(">Q", self._read(8))[0]
+            payload = self._read(length)
+            if first & 0x0F == 0x8:
+                raise ConnectionError("WebSocket closed by the server")
+            if first & 0x0F in (0x1, 0x0):
+                message += payload
+                if first & 0x80:
+                    return message.decode()
+
+
+class Frontend:
+    """Headless Chromium showing ComfyUI at `url`."""
+
+    def __init__(self, chromium: str, url: str, port: int = 9333):
+        self.profile = tempfile.mkdtemp(prefix="dmp-chromium-")
+        self.process = subprocess.Popen(
+            [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}",
+             f"--user-data-dir={self.profile}", url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=5) as response:
+                    pages = [p for p in json.loads(response.read()) if p["type"] == "page"]
+                if pages:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("Chromium's DevTools did not answer")
+            time.sleep(0.5)
+        self.socket = WebSocket(pages[0]["webSocketDebuggerUrl"])
+        self.next_id = 0
+        self._wait_for_app()
+
+    def evaluate(self, expression: str):
+        """The JSON value of a JavaScript expression (promises awaited)."""
+        self.next_id += 1
+        self.socket.send(json.dumps({"id": self.next_id, "method": "Runtime.evaluate", "params": {
+            "expression": expression, "awaitPromise": True, "returnByValue": True}}))
+        while True:
+            reply = json.loads(self.socket.receive())
+            if reply.get("id") == self.next_id:
+                result = reply["result"]
+                if "exceptionDetails" in result:
+                    raise RuntimeError(f"JavaScript error: {result['exceptionDetails']}")
+                return result["result"].get("value")
+
+    def _wait_for_app(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.evaluate("!!(window.app && window.app.graph && window.app.vueAppReady !== false)"):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the ComfyUI frontend did not start")
+            time.sleep(1)
+        time.sleep(2)  # node definitions arrive right after the app object
+
+    def api_prompt(self, workflow: dict) -> dict:
+        """What ComfyUI's frontend sends for `workflow`: {id: {class_type, inputs}}."""
+        script = ("(async () => { await window.app.loadGraphData(" + json.dumps(workflow) + ");"
+                  " const p = await window.app.graphToPrompt(); return JSON.stringify(p.output); })()")
+        return json.loads(self.evaluate(script))
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+def compare(ours: dict, theirs: dict, node_info: dict) -> list[str]:
+    """Differences between our API conversion and the frontend's. Titles are ignored, and so are
+    inputs a node does not declare (the frontend adds display widgets, e.g. Preview Any's
+    'preview', which the server ignores)."""
+    problems = []
+    for node_id in sorted(set(ours) | set(theirs), key=lambda k: int(k) if k.isdigit() else k):
+        a, b = ours.get(node_id), theirs.get(node_id)
+        if a is None or b is None:
+            problems.append(f"node {node_id}: only in {'the frontend' if a is None else 'ours'}")
+            continue
+        declared = {name for specs in node_info[a["class_type"]]["input"].values() for name in specs}
+        sent = {k: v for k, v in b["inputs"].items() if k in declared}
+        if a["class_type"] != b["class_type"] or a["inputs"] != sent:
+            problems.append(f"node {node_id} ({a['class_type']}): ours {a['inputs']} != frontend's {sent}")
+    return problems

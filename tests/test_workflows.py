@@ -1,0 +1,133 @@
+"""The example workflows: UI format that converts to ComfyUI's API format with valid values and links."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import pytest
+
+from comfy_stubs import stand_ins
+from comfy_stubs.model_files import ADAPTER_FILE, ADAPTERS
+from comfy_stubs.workflow_api import FRONTEND_ONLY, core_node_info, object_info_of, to_api, validate
+
+WORKFLOWS = sorted((stand_ins.PACK_ROOT / "example_workflows").glob("*.json"))
+# The models the workflows name, as a user has them; ComfyUI ships input/example.png.
+CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
+CONTROLNET = "control_v11f1p_sd15_depth_fp16.safetensors"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(node info of the pack's nodes and ComfyUI's core nodes, files by folder) with the
+    workflows' model files in place (empty files: only their names matter here)."""
+    root = tmp_path_factory.mktemp("comfyui")
+    for relative in [f"checkpoints/{CHECKPOINT}", f"controlnet/{CONTROLNET}",
+                     *(f"dmp/{name}/{ADAPTER_FILE}" for name in ADAPTERS.values())]:
+        (root / "models" / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / "models" / relative).touch()
+    stand_ins.install(root)
+    pack = stand_ins.load_pack()
+    info = {**core_node_info(), **{k: object_info_of(v) for k, v in pack.NODE_CLASS_MAPPINGS.items()}}
+    folder_paths = sys.modules["folder_paths"]
+    files = {"checkpoints": folder_paths.get_filename_list("checkpoints"),
+             "controlnet": folder_paths.get_filename_list("controlnet"), "input": ["example.png"]}
+    yield info, files, pack
+    stand_ins.unload_pack(pack)
+    stand_ins.uninstall()
+
+
+def _load(path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_there_are_the_four_workflows_of_the_issue():
+    assert [p.name for p in WORKFLOWS] == ["1_depth_normals_to_controlnet.json",
+                                          "2_sd15_depth_controlnet_regeneration.json",
+                                          "3_all_five_tasks.json", "4_segmentation_mask_inpainting.json"]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_is_valid(setup, path):
+    info, files, _pack = setup
+    workflow = _load(path)
+    assert workflow["version"] == 0.4 and workflow["last_node_id"] >= max(n["id"] for n in workflow["nodes"])
+    assert workflow["last_link_id"] >= max(link[0] for link in workflow["links"])
+    assert validate(workflow, info, files) == []
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_converts_to_the_api_format(setup, path):
+    info, _files, pack = setup
+    workflow = _load(path)
+    prompt = to_api(workflow, info)
+    sent = [n for n in workflow["nodes"] if n["type"] not in FRONTEND_ONLY]
+    assert sorted(prompt, key=int) == sorted((str(n["id"]) for n in sent), key=int)
+    for entry in prompt.values():
+        known = entry["class_type"] in pack.NODE_CLASS_MAPPINGS or entry["class_type"] in core_node_info()
+        assert known, entry["class_type"]
+        for name, value in entry["inputs"].items():
+            if isinstance(value, list):
+                assert value[0] in prompt, f"{entry['class_type']}.{name} links to a node not sent"
+    assert any(info[e["class_type"]].get("output_node") or e["class_type"] in ("DMPSave", "PreviewImage")
+               for e in prompt.values())
+
+
+def test_every_pack_node_is_shown_in_an_example(setup):
+    _info, _files, pack = setup
+    used = {node["type"] for path in WORKFLOWS for node in _load(path)["nodes"]}
+    assert set(pack.NODE_CLASS_MAPPINGS) <= used
+
+
+def test_the_issue_layouts(setup):
+    info, _files, _pack = setup
+    kinds = [{e["class_type"] for e in to_api(_load(p), info).values()} for p in WORKFLOWS]
+    assert {"LoadImage", "DMPDepthToControlNet", "DMPNormalsToControlNet", "DMPSave"} <= kinds[0]
+    assert {"KSampler", "DMPPredict", "ControlNetApplyAdvanced", "ControlNetLoader"} <= kinds[1]
+    assert {"DMPPredictTasks", "DMPIntrinsics", "DMPSegmentation", "DMPDepthColorize"} <= kinds[2]
+    assert {"DMPSegmentation", "SetLatentNoiseMask", "KSampler"} <= kinds[3]
+    loader = next(e for e in to_api(_load(WORKFLOWS[2]), info).values() if e["class_type"] == "DMPLoader")
+    assert len({v for k, v in loader["inputs"].items() if k.startswith("adapter")}) == 5
+
+
+# The converter itself ----------------------------------------------------------------------------
+
+def test_converter_follows_the_frontends_widget_conventions(setup):
+    info, files, _pack = setup
+    workflow = _load(WORKFLOWS[1])
+    sampler = next(n for n in workflow["nodes"] if n["type"] == "KSampler")
+    assert sampler["widgets_values"][1] == "fixed"  # the seed's control value
+    entry = to_api(workflow, info)[str(sampler["id"])]["inputs"]
+    assert entry["seed"] == 42 and entry["steps"] == 20 and entry["sampler_name"] == "euler"
+    image = next(n for n in _load(WORKFLOWS[0])["nodes"] if n["type"] == "LoadImage")
+    assert image["widgets_values"] == ["example.png", "image"]  # the upload button's value
+    assert to_api(_load(WORKFLOWS[0]), info)[str(image["id"])]["inputs"] == {"image": "example.png"}
+
+
+def test_converter_and_validator_catch_broken_workflows(setup):
+    info, files, _pack = setup
+    base = _load(WORKFLOWS[0])
+    predict = next(i for i, n in enumerate(base["nodes"]) if n["type"] == "DMPPredict")
+
+    short = copy.deepcopy(base)
+    short["nodes"][predict]["widgets_values"].pop()
+    with pytest.raises(ValueError, match="no widget value"):
+        to_api(short, info)
+
+    bad_value = copy.deepcopy(base)
+    bad_value["nodes"][predict]["widgets_values"][2] = "euler"  # sampler
+    assert any("'euler' is not one of ['ddim', 'oracle']" in p for p in validate(bad_value, info, files))
+
+    too_many = copy.deepcopy(base)
+    too_many["nodes"][predict]["widgets_values"][1] = 5000  # steps
+    assert any("outside [1, 1000]" in p for p in validate(too_many, info, files))
+
+    mistyped = copy.deepcopy(base)
+    mistyped["links"][0][5] = "MASK"
+    assert any("is not MASK" in p for p in validate(mistyped, info, files))
+
+    unknown = copy.deepcopy(base)
+    unknown["nodes"][predict]["type"] = "DMPMissing"
+    node_id = base["nodes"][predict]["id"]
+    assert validate(unknown, info, files) == [f"node {node_id}: unknown node type 'DMPMissing'"]
