@@ -170,3 +170,72 @@ def check_sd1(path: str | os.PathLike, shapes: Mapping[str, Sequence[int]]) -> N
         raise CheckpointError(
             f"{path} is an SD 1.x UNet without {' and '.join(missing)} weights (VAE / text encoder); "
             "use a full checkpoint")
+
+
+_VAE = "first_stage_model."
+_TEXT = "cond_stage_model.transformer.text_model."
+
+
+def _indices(shapes: Mapping[str, Sequence[int]], prefix: str) -> list[int]:
+    """The numbers N of 'prefix.N.' keys, sorted."""
+    found = {int(k[len(prefix):].split(".", 1)[0]) for k in shapes if k.startswith(prefix)}
+    return sorted(found)
+
+
+def _groups(channels: Sequence[int]) -> int:
+    """SD's 32 norm groups where the widths allow it (the file does not record the group count)."""
+    return next(g for g in (32, 16, 8, 4, 2, 1) if all(c % g == 0 for c in channels))
+
+
+def infer_sd1_configs(shapes: Mapping[str, Sequence[int]]) -> dict[str, dict]:
+    """diffusers configs (unet, vae, text_encoder) of an SD 1.x-layout checkpoint, from its tensor shapes.
+
+    For checkpoints whose sizes differ from SD 1.x's (e.g. miniature test models). What shapes do
+    not record follows SD 1.x's conventions: 8 attention heads per UNet transformer, 32 norm
+    groups where the widths allow, 64-wide text-encoder heads.
+    """
+    down = _indices(shapes, _UNET + "input_blocks.")
+    samplers = [i for i in down if _UNET + f"input_blocks.{i}.0.op.weight" in shapes]
+    per_level = (samplers[0] - 1) if samplers else len(down) - 1
+    firsts = [1 + level * (per_level + 1) for level in range(len(samplers) + 1)]
+    widths = [shapes[_UNET + f"input_blocks.{i}.0.out_layers.3.weight"][0] for i in firsts]
+    attention = [_UNET + f"input_blocks.{i}.1.proj_in.weight" in shapes for i in firsts]
+    context = next(s[1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight"))
+    proj_in = next(s for k, s in shapes.items() if k.endswith(".proj_in.weight") and k.startswith(_UNET))
+    unet = {
+        "in_channels": shapes[_UNET + "input_blocks.0.0.weight"][1],
+        "out_channels": shapes[_UNET + "out.2.weight"][0],
+        "block_out_channels": widths,
+        "layers_per_block": per_level,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+        "cross_attention_dim": context,
+        "attention_head_dim": 8,
+        "use_linear_projection": len(proj_in) == 2,
+        "norm_num_groups": _groups(widths),
+    }
+    levels = _indices(shapes, _VAE + "encoder.down.")
+    vae_widths = [shapes[_VAE + f"encoder.down.{i}.block.0.conv2.weight"][0] for i in levels]
+    latent = shapes[_VAE + "post_quant_conv.weight"][0]
+    vae = {
+        "in_channels": shapes[_VAE + "encoder.conv_in.weight"][1],
+        "out_channels": shapes[_VAE + "decoder.conv_out.weight"][0],
+        "block_out_channels": vae_widths,
+        "layers_per_block": len(_indices(shapes, _VAE + "encoder.down.0.block.")),
+        "down_block_types": ["DownEncoderBlock2D"] * len(levels),
+        "up_block_types": ["UpDecoderBlock2D"] * len(levels),
+        "latent_channels": latent,
+        "norm_num_groups": _groups(vae_widths),
+        "scaling_factor": 0.18215,
+    }
+    vocab, hidden = shapes[_TEXT + "embeddings.token_embedding.weight"]
+    text = {
+        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_act": "quick_gelu",
+        "hidden_size": hidden, "projection_dim": hidden, "vocab_size": vocab,
+        "intermediate_size": shapes[_TEXT + "encoder.layers.0.mlp.fc1.weight"][0],
+        "num_hidden_layers": len(_indices(shapes, _TEXT + "encoder.layers.")),
+        "num_attention_heads": max(1, hidden // 64),
+        "max_position_embeddings": shapes[_TEXT + "embeddings.position_embedding.weight"][0],
+        "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
+    }
+    return {"unet": unet, "vae": vae, "text_encoder": text}

@@ -7,10 +7,13 @@ The text encoder is not loaded here: ``TextConditioner`` loads it when it is fir
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from .checkpoints import CheckpointError, check_sd1, read_key_shapes, read_state_dict
+from .checkpoints import CheckpointError, check_sd1, infer_sd1_configs, read_key_shapes, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +137,8 @@ def load_base(path: str | os.PathLike, device: str | torch.device = "auto", prec
         path: a diffusers folder, or a single .safetensors/.ckpt file in the original layout.
         device: 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.
         precision: one of PRECISIONS.
-        config: diffusers config folder for single files (default: the bundled SD 1.x configs).
+        config: diffusers config folder for single files (default: the bundled SD 1.x configs, or for
+            files of other sizes, such as miniature test models, configs read off the tensor shapes).
         tokenizer: optional CLIP tokenizer folder (a diffusers folder brings its own).
 
     Returns:
@@ -154,8 +158,9 @@ def load_base(path: str | os.PathLike, device: str | torch.device = "auto", prec
         load_tokenizer = _tokenizer_loader(tokenizer_dir, path / "tokenizer")
         scheduler_config = _load_scheduler_config(path)
     elif path.is_file():
-        config_dir = Path(config) if config is not None else SD1_CONFIG_DIR
-        check_sd1(path, read_key_shapes(path))
+        shapes = read_key_shapes(path)
+        check_sd1(path, shapes)
+        config_dir = Path(config) if config is not None else _single_file_config(path, shapes)
         checkpoint, _ = read_state_dict(path, prefixes=("model.diffusion_model.", "first_stage_model."))
         options = dict(config=str(config_dir), local_files_only=True, torch_dtype=dtype)
         unet = _from_single_file(UNet2DConditionModel, checkpoint, path, "unet", options)
@@ -170,6 +175,30 @@ def load_base(path: str | os.PathLike, device: str | torch.device = "auto", prec
         _check_loaded(model, path)
         model.to(device).eval().requires_grad_(False)
     return BaseComponents(unet, vae, load_text_encoder, load_tokenizer, scheduler_config, path, device, dtype)
+
+
+_CLASS_NAMES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"}
+
+
+def _single_file_config(path: Path, shapes: dict) -> Path:
+    """The bundled SD 1.x configs when the file has SD 1.x's sizes, else configs read off its shapes."""
+    inferred = infer_sd1_configs(shapes)
+    conventions = ("attention_head_dim", "norm_num_groups", "num_attention_heads", "bos_token_id",
+                   "eos_token_id", "pad_token_id", "projection_dim")
+    bundled = {part: json.loads((SD1_CONFIG_DIR / part / "config.json").read_text(encoding="utf-8"))
+               for part in inferred}
+    if all(bundled[part].get(k, v) == v for part, config in inferred.items()
+           for k, v in config.items() if k not in conventions):
+        return SD1_CONFIG_DIR
+    folder = Path(tempfile.mkdtemp(prefix="dmp-config-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    for part, config in inferred.items():
+        (folder / part).mkdir()
+        (folder / part / "config.json").write_text(json.dumps({"_class_name": _CLASS_NAMES[part], **config}))
+    shutil.copytree(SD1_CONFIG_DIR / "scheduler", folder / "scheduler")
+    logger.info("%s is not SD 1.x-sized; using the architecture read off its tensor shapes: UNet widths %s, "
+                "context %d", path, inferred["unet"]["block_out_channels"], inferred["unet"]["cross_attention_dim"])
+    return folder
 
 
 def _from_single_file(cls, checkpoint: dict, path: Path, subfolder: str, options: dict) -> torch.nn.Module:

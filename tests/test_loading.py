@@ -252,8 +252,8 @@ def test_loading_touches_no_network(no_network, single_files, tiny_base):
         model = DMPModel.from_pretrained(path, device="cpu", precision="fp32", config=tiny_base)
         assert model.text.empty_embedding().shape == (1, 77, 32)
     DMPModel.from_pretrained(tiny_base, device="cpu", precision="fp32").text.empty_embedding()
-    with pytest.raises(CheckpointError, match="do not fit the config in .*configs.sd1"):
-        DMPModel.from_pretrained(single_files["safetensors"], device="cpu")  # bundled SD 1.x config: offline too
+    # no config: the architecture is read off the tensor shapes, offline too
+    assert DMPModel.from_pretrained(single_files["safetensors"], device="cpu").unet.config.cross_attention_dim == 32
 
 
 def test_loading_touches_no_network_even_without_offline_variables(single_files, tiny_base, tmp_path):
@@ -273,10 +273,7 @@ def test_loading_touches_no_network_even_without_offline_variables(single_files,
         assert model.text.empty_embedding().shape == (1, 77, 32)
         model = DMPModel.from_pretrained({str(tiny_base)!r}, device="cpu", precision="fp32")
         model.text.empty_embedding()
-        try:
-            DMPModel.from_pretrained({str(single_files["safetensors"])!r}, device="cpu")
-        except CheckpointError as err:
-            assert "do not fit the config" in str(err), err
+        DMPModel.from_pretrained({str(single_files["safetensors"])!r}, device="cpu").text.empty_embedding()
         assert attempts == [], attempts
         print("OFFLINE-OK")
     """)
@@ -368,3 +365,24 @@ def test_ckpt_with_code_is_refused_without_running_it(tmp_path, tiny_base, compo
     with pytest.raises(CheckpointError, match="not loaded for safety"):
         DMPModel.from_pretrained(tmp_path / "evil.ckpt", device="cpu", precision="fp32", config=tiny_base)
     assert not marker.exists()
+
+
+def test_a_miniature_single_file_loads_without_config_from_its_shapes(tmp_path):
+    """A non-SD-sized file following SD 1.x's conventions (8 heads, 32 groups, 64-wide text heads) needs no config."""
+    from transformers import CLIPTextConfig
+
+    from dmp_model.tiny import save_tiny_sd, tiny_text_encoder_config, tiny_unet_config, tiny_vae_config
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{**tiny_unet_config(32, 64), "attention_head_dim": 8, "norm_num_groups": 32})
+    vae = AutoencoderKL(**{**tiny_vae_config(32), "norm_num_groups": 32})
+    text = CLIPTextModel(CLIPTextConfig(**{**tiny_text_encoder_config(64), "num_attention_heads": 1}))
+    folder = save_tiny_sd(tmp_path / "folder", components=(unet.eval(), vae.eval(), text.eval()))
+    single = write_single_file(tmp_path / "mini.safetensors", unet, vae, text)
+    from_file = DMPModel.from_pretrained(single, device="cpu", precision="fp32")
+    from_folder = DMPModel.from_pretrained(folder, device="cpu", precision="fp32")
+    assert_same_weights(from_file.unet, from_folder.unet)
+    assert_same_weights(from_file.vae, from_folder.vae)
+    assert from_file.unet.config.block_out_channels == [32, 64, 64, 64]
+    torch.testing.assert_close(from_file.text.empty_embedding(), from_folder.text.empty_embedding(),
+                               atol=1e-5, rtol=0)
