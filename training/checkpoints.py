@@ -1,0 +1,123 @@
+"""Training checkpoints: one plain dict per step, written atomically, the last N kept.
+
+Layout under the run's output folder::
+
+    checkpoints/step-00001000/state.pt                 # the checkpoint dict (torch.save)
+    checkpoints/step-00001000/pytorch_lora_weights.safetensors   # the adapter so far, ready to use
+
+A checkpoint folder is assembled under a hidden temporary name and renamed into place once its
+files are complete (a rename is atomic), and older checkpoints are deleted only after that, so a
+run killed at any moment leaves the previous checkpoints intact and no half-written file under a
+real name. Leftover temporary folders of a killed run are removed on the next start.
+
+The dict (``state.pt``, read with ``torch.load(weights_only=True)``) holds: "step", "config" (the
+resolved TrainConfig as a dict), "world_size", "lora" (peft state dict of the trainable weights),
+"optimizer", "lr_scheduler", "rng" (torch's global CPU generator; the data order and the per-step
+generators are functions of (seed, step) and need no state) and "versions".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "state.pt"
+_NAME = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first."""
+    folder = Path(output_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def remove_stale_temporaries(output_dir: str | os.PathLike) -> None:
+    """Delete temporary checkpoint folders left by a run that was killed while writing one."""
+    folder = Path(output_dir) / CHECKPOINT_DIR
+    for path in folder.glob(".tmp-*") if folder.is_dir() else []:
+        logger.warning("removing incomplete checkpoint %s left by an interrupted run", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_resume(output_dir: str | os.PathLike, resume: str | os.PathLike | None) -> Path | None:
+    """The checkpoint folder to resume from: None, 'latest' (None if the run has none yet) or a path.
+
+    A path may name a checkpoint folder, its state.pt, or a run's output folder (its latest one).
+    """
+    if resume is None:
+        return None
+    if str(resume) == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if path.is_file() and path.name == STATE_FILE:
+        return path.parent
+    if (path / STATE_FILE).is_file():
+        return path
+    if (path / CHECKPOINT_DIR).is_dir():
+        found = list_checkpoints(path)
+        if found:
+            return found[-1]
+    raise FileNotFoundError(f"resume: {path} is not a checkpoint (a folder with {STATE_FILE}) nor a run "
+                            "folder holding checkpoints; pass 'latest' or such a path")
+
+
+def load_checkpoint(folder: str | os.PathLike) -> dict:
+    """The checkpoint dict of a checkpoint folder (tensors on the CPU)."""
+    path = Path(folder) / STATE_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"cannot read checkpoint {path} ({err}); resume from an older one") from err
+
+
+def save_checkpoint(output_dir: str | os.PathLike, state: dict, write_extra=None, keep: int = 3) -> Path:
+    """Write `state` as checkpoint folder step-{state['step']}, atomically; keep the newest `keep`.
+
+    Args:
+        output_dir: the run's folder.
+        state: the checkpoint dict (must hold "step").
+        write_extra: optional ``write_extra(folder)`` writing more files into the folder before it
+            is published (the adapter so far).
+        keep: complete checkpoints kept; older ones are deleted after the new one is in place.
+
+    Returns:
+        the checkpoint folder.
+    """
+    root = Path(output_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(state["step"])
+    temp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    temp.mkdir()
+    try:
+        with open(temp / STATE_FILE, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if write_extra is not None:
+            write_extra(temp)
+        if final.exists():  # the same step written again (e.g. final checkpoint after a periodic one)
+            shutil.rmtree(final)
+        os.rename(temp, final)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
