@@ -37,7 +37,7 @@ def build(shape: str):
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from dmp_model.sampling import alphas_cumprod_from_config
+    from dmp_model.sampling import schedule_from_config
     from dmp_model.tiny import SCHEDULER_CONFIG_PATH, build_tiny_components
 
     torch.manual_seed(0)
@@ -51,7 +51,7 @@ def build(shape: str):
         width = 768
     scheduler_config = json.loads(SCHEDULER_CONFIG_PATH.read_text())
     context = torch.randn(1, 77, width)
-    return unet, vae, context, alphas_cumprod_from_config(scheduler_config), scheduler_config
+    return unet, vae, context, schedule_from_config(scheduler_config).alphas_cumprod, scheduler_config
 
 
 def run(shape: str, variant: str, steps: int, threads: int, queue) -> None:

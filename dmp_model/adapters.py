@@ -274,6 +274,9 @@ def resolve_info(name: str, metadata: Mapping[str, str], tensors: Mapping[str, t
     if unknown:
         raise TypeError(f"unknown adapter settings {sorted(unknown)}; valid: {[f.name for f in fields(AdapterInfo)]}")
     facts.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if facts["task"] == "rgb" and "task" not in info_from_metadata(metadata) and "task" not in (overrides or {}):
+        logger.warning("adapter %r: no task in its metadata or name (depth-*, normal-*, seg*, albedo*, shading*); "
+                       "decoding its output as plain RGB (pass task=... to say which)", name)
     return AdapterInfo(**facts)
 
 

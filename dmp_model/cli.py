@@ -20,7 +20,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from collections.abc import Sequence
 
-import numpy as np
+import torch
 
 from . import writers
 from .adapters import adapter_name_for
@@ -108,16 +108,14 @@ def _shard(files: list[Path]) -> tuple[list[Path], int, int, str]:
     return files[rank::world], rank, world, device
 
 
+_PNG_SUFFIX = {"depth": "_depth16.png", "segmentation": "_classes.png"}
+
+
 def prediction_paths(task: str, stem: Path, folder: Path, formats: Sequence[str]) -> dict[str, Path]:
     """The files one image's prediction is written to, in writing order (the last one marks it done)."""
     base = folder / stem
-    paths = {}
-    if "npy" in formats:
-        paths["npy"] = base.with_suffix(".npy")
-    if "png" in formats and task in ("depth", "segmentation"):
-        paths["png"] = base.with_name(base.name + ("_depth16.png" if task == "depth" else "_classes.png"))
-    if "exr" in formats and task != "segmentation":
-        paths["exr"] = base.with_suffix(".exr")
+    suffixes = {"npy": ".npy", "png": _PNG_SUFFIX.get(task), "exr": ".exr"}
+    paths = {f: base.with_name(base.name + suffixes[f]) for f in writers.raw_formats(task) if f in formats}
     if "visual" in formats:
         paths["visual"] = base.with_name(base.name + "_visual.png")
     return paths
@@ -126,17 +124,31 @@ def prediction_paths(task: str, stem: Path, folder: Path, formats: Sequence[str]
 def write_prediction(prediction, index: int, paths: dict[str, Path]) -> None:
     """Write one image of a Prediction to `paths` (from ``prediction_paths``), each file atomically."""
     raw = prediction.raw[index].numpy()
-    if "npy" in paths:
-        writers.write_npy(paths["npy"], raw.astype(np.int16 if prediction.task == "segmentation" else np.float32))
-    if "png" in paths:
-        if prediction.task == "depth":
-            writers.write_depth_png16(paths["png"], raw, "millimeters")
+    for file_format, path in paths.items():
+        if file_format == "visual":
+            writers.write_png8(path, prediction.visual[index].numpy())
         else:
-            writers.write_class_png(paths["png"], raw)
-    if "exr" in paths:
-        writers.write_exr(paths["exr"], raw.astype(np.float32))
-    if "visual" in paths:
-        writers.write_png8(paths["visual"], prediction.visual[index].numpy())
+            writers.write_raw(path, prediction.task, raw, file_format)
+
+
+def _image_batches(files: Sequence[Path], batch_size: int, failed: list[Path]):
+    """(files, images [b, 3, H, W]) of up to `batch_size` same-size images; unreadable files go to `failed`."""
+    pending: dict[tuple[int, int], list[tuple[Path, torch.Tensor]]] = {}
+    for file in files:
+        try:
+            image = load_image(file)
+        except ValueError as err:
+            logger.error("%s: %s", file, err)
+            failed.append(file)
+            continue
+        group = pending.setdefault(tuple(image.shape[-2:]), [])
+        group.append((file, image))
+        if len(group) == batch_size:
+            yield [f for f, _ in group], torch.stack([i for _, i in group])
+            group.clear()
+    for group in pending.values():
+        if group:
+            yield [f for f, _ in group], torch.stack([i for _, i in group])
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -145,6 +157,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from .pipeline import DMPModel, PredictOptions
 
+    # 1. Arguments, inputs and output names: usage errors end here, before any model loads.
     try:
         formats = _parse_formats(args.formats)
         options = PredictOptions(steps=args.steps, sampler=args.sampler, spacing=args.spacing,
@@ -155,18 +168,17 @@ def run_predict(args: argparse.Namespace) -> int:
         if not files:
             raise ValueError(f"no images found in {args.inputs}")
         stems = output_stems(files, args.inputs)
+        names = [adapter_name_for(path) for path in args.adapter]
+        if len(set(names)) < len(names):
+            raise ValueError(f"adapters must have distinct names, got {names}")
     except (ValueError, TypeError, FileNotFoundError) as err:
         logger.error("%s", err)
         return 2
-    names = [adapter_name_for(path) for path in args.adapter]
-    if len(set(names)) < len(names):
-        logger.error("adapters must have distinct names, got %s", names)
-        return 2
+    # 2. This process's share of the files, and the model (a wrong base or adapter is a usage error).
     mine, rank, world, device = _shard(files)
-    device = args.device if args.device != "auto" else device
-    try:  # a missing or wrong base or adapter is a usage error: a message, not a traceback
-        model = DMPModel.from_pretrained(args.base, device, args.precision, args.config, args.tokenizer,
-                                         args.cache_dir)
+    try:
+        model = DMPModel.from_pretrained(args.base, args.device if args.device != "auto" else device,
+                                         args.precision, args.config, args.tokenizer, args.cache_dir)
         for path in args.adapter:
             model.load_adapter(path)
         if args.prompt and model.text.tokenizer is None:
@@ -181,21 +193,30 @@ def run_predict(args: argparse.Namespace) -> int:
     def paths(file: Path, name: str) -> dict[str, Path]:
         return prediction_paths(model.adapters[name].task, stems[file], output / name, formats)
 
+    # 3. Skip what an earlier run wrote; predict the rest in same-size batches, one encode for all tasks.
     todo = [f for f in mine if args.overwrite or not all(list(paths(f, n).values())[-1].exists() for n in names)]
-    failed = []
+    failed: list[Path] = []
     bar = tqdm(total=len(todo), desc=f"dmp predict [{rank + 1}/{world}]" if world > 1 else "dmp predict",
                unit="img", disable=None)
-    for file in todo:
-        try:
-            image = load_image(file)
-            results = model.predict_tasks(image, names, options, prompt=args.prompt)
+    def predict_and_write(batch_files: list[Path], images: torch.Tensor) -> None:
+        results = model.predict_tasks(images, names, options, prompt=args.prompt)
+        for index, file in enumerate(batch_files):
             for name, prediction in results.items():
-                write_prediction(prediction, 0, paths(file, name))
-        except (ValueError, OSError) as err:
-            logger.error("%s: %s", file, err)
-            failed.append(file)
-        bar.update(1)
+                write_prediction(prediction, index, paths(file, name))
+
+    for batch_files, images in _image_batches(todo, options.batch_size, failed):
+        try:
+            predict_and_write(batch_files, images)
+        except (ValueError, OSError, RuntimeError):  # retry one by one, so the error names its image
+            for index, file in enumerate(batch_files):
+                try:
+                    predict_and_write([file], images[index:index + 1])
+                except (ValueError, OSError, RuntimeError) as err:  # RuntimeError: out of memory among others
+                    logger.error("%s: %s", file, err)
+                    failed.append(file)
+        bar.update(len(batch_files))
     bar.close()
+    # 4. One summary line per process (tests and users read it).
     logger.info("process %d/%d: %d written, %d skipped (already there), %d failed",
                 rank + 1, world, len(todo) - len(failed), len(mine) - len(todo), len(failed))
     return 1 if failed else 0

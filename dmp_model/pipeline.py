@@ -181,7 +181,8 @@ class DMPModel:
             the adapter's AdapterInfo.
         """
         file = adapter_files.resolve_adapter_file(path)
-        name = name or adapter_files.adapter_name_for(path)
+        natural_name = adapter_files.adapter_name_for(path)  # DMP's names carry the task: read them off the path
+        name = name or natural_name
         stamp = (str(file.resolve()), file.stat().st_size, file.stat().st_mtime_ns)
         loaded = self._adapters.get(name)
         if loaded is not None and loaded.stamp == stamp:
@@ -190,7 +191,7 @@ class DMPModel:
             return info
         tensors, metadata, file = adapter_files.read_adapter(file)
         peft_tensors = adapter_files.to_peft_state_dict(tensors, self.unet.config, adapter_files.peft_alpha(metadata))
-        info = adapter_files.resolve_info(name, metadata, peft_tensors, overrides)
+        info = adapter_files.resolve_info(natural_name, metadata, peft_tensors, overrides)
         adapter_files.check_adapter_fits(peft_tensors, self.unet)
         peft_tensors = {k: v.to(self.device, self.dtype) for k, v in peft_tensors.items()}
         if loaded is not None:
@@ -248,26 +249,18 @@ class DMPModel:
                 ) -> tuple[torch.Tensor, float | None]:
         """Text context for the UNet and the guidance scale (None: a single call per step).
 
-        Without prompt the context is the empty-prompt embedding, as for `-notext` adapters. With
-        a prompt (text, or embeddings [1 or B, L, D] such as ComfyUI's CLIP Text Encode output)
-        it is (cond; uncond) for classifier-free guidance, DMP's default scale being 2.
+        `-notext` adapters (``uses_prompts`` False) always get the empty-prompt embedding, one call
+        per step, as the reference's ``disable_prompts``; so do prompted adapters when no prompt is
+        given. With a prompt (text, or embeddings [1 or B, L, D] such as ComfyUI's CLIP Text Encode
+        output) a prompted adapter gets (cond; uncond) for classifier-free guidance (DMP: scale 2).
         """
         empty = self.text.empty_embedding()
-        if prompt is None and prompt_embeds is None:
-            if info.uses_prompts:
-                logger.info("adapter expects prompts; none given, conditioning on the empty prompt")
+        if (prompt is None and prompt_embeds is None) or not info.uses_prompts:
             return empty.expand(batch, -1, -1), None
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("pass either prompt or prompt_embeds, not both")
-        if not info.uses_prompts:
-            logger.warning("this adapter was trained without prompts; using the given prompt anyway")
         if prompt is not None:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            if len(prompts) not in (1, batch):
-                raise ValueError(f"give one prompt or one per image ({batch}), got {len(prompts)}")
-            cond = self.text.encode(prompts)
+            cond = self.text.encode([prompt] if isinstance(prompt, str) else list(prompt))
         else:
-            cond = self._check_embeds(prompt_embeds, batch, empty)
+            cond = prompt_embeds
         cond = cond.to(self.device, self.dtype).expand(batch, -1, -1)
         scale = DEFAULT_GUIDANCE if guidance_scale is None else float(guidance_scale)
         if scale == 1.0:
@@ -275,15 +268,28 @@ class DMPModel:
         uncond = empty.repeat(1, cond.shape[1] // empty.shape[1], 1).expand(batch, -1, -1)
         return torch.cat([cond, uncond]), scale
 
-    def _check_embeds(self, embeds: torch.Tensor, batch: int, empty: torch.Tensor) -> torch.Tensor:
-        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
-            raise ValueError("prompt_embeds must be a tensor [B, L, D]")
-        if embeds.shape[-1] != empty.shape[-1] or embeds.shape[1] % empty.shape[1]:
-            raise ValueError(f"prompt_embeds of shape {tuple(embeds.shape)} do not fit this model, which expects "
-                             f"[B, {empty.shape[1]}*k, {empty.shape[-1]}] (an SD 1.x CLIP text encoder output)")
-        if embeds.shape[0] not in (1, batch):
-            raise ValueError(f"prompt_embeds must have 1 or {batch} rows, got {embeds.shape[0]}")
-        return embeds
+    def _check_conditioning(self, names: Sequence[str], batch: int, prompt, prompt_embeds) -> None:
+        """Refuse prompt counts or embedding shapes that do not fit the batch, before any work."""
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass either prompt or prompt_embeds, not both")
+        if prompt is not None:
+            count = 1 if isinstance(prompt, str) else len(prompt)
+            if count not in (1, batch):
+                raise ValueError(f"give one prompt or one per image ({batch}), got {count}")
+        if prompt_embeds is not None:
+            width, length = self.unet.config.cross_attention_dim, self.text.empty_embedding().shape[1]
+            if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
+                raise ValueError("prompt_embeds must be a tensor [B, L, D]")
+            if prompt_embeds.shape[-1] != width or prompt_embeds.shape[1] % length:
+                raise ValueError(f"prompt_embeds of shape {tuple(prompt_embeds.shape)} do not fit this model, "
+                                 f"which expects [B, {length}*k, {width}] (an SD 1.x CLIP text encoder output)")
+            if prompt_embeds.shape[0] not in (1, batch):
+                raise ValueError(f"prompt_embeds must have 1 or {batch} rows, got {prompt_embeds.shape[0]}")
+        prompted = prompt is not None or prompt_embeds is not None
+        for name in names:
+            if prompted != self._adapters[name].info.uses_prompts:
+                logger.info("adapter %r %s", name, "takes no prompt (trained without); the prompt is not used"
+                            if prompted else "was trained with prompts; none given, using the empty prompt")
 
     def sample(self, latents: torch.Tensor, adapter: str | None = None, options: PredictOptions | None = None,
                *, prompt: str | Sequence[str] | None = None, prompt_embeds: torch.Tensor | None = None,
@@ -302,6 +308,7 @@ class DMPModel:
         """
         options = (options or PredictOptions()).updated(**settings)
         name = self._require_adapter(adapter)
+        self._check_conditioning([name], latents.shape[0], prompt, prompt_embeds)
         progress = _Progress(callback, options.steps * math.ceil(latents.shape[0] / options.batch_size))
         latents = latents.to(self.device, self.dtype)
         return self._sample(latents, [name], options, prompt, prompt_embeds, progress)[0]
@@ -325,9 +332,8 @@ class DMPModel:
                 halves = context.chunk(1 if scale is None else 2)
                 context = torch.cat([half.repeat(len(names), 1, 1) for half in halves])
             denoiser = AdapterDenoiser(self.unet, context, scale, rows)
-            y = sample_dmp(denoiser, x.repeat(len(names), 1, 1, 1), timesteps, schedule.alphas_cumprod,
-                           schedule.final_alpha, prediction_type, options.sampler == "oracle", options.final_output,
-                           callback=progress.step, clip_sample=schedule.clip_sample)
+            y = sample_dmp(denoiser, x.repeat(len(names), 1, 1, 1), timesteps, schedule, prediction_type,
+                           options.sampler == "oracle", options.final_output, callback=progress.step)
             outputs.append(y.chunk(len(names)))
         return [torch.cat(parts) for parts in zip(*outputs)]
 
@@ -369,6 +375,7 @@ class DMPModel:
             raise ValueError("no adapters given")
         groups = self._task_groups(names, options)
         batch = to_image_batch(images)
+        self._check_conditioning(names, batch.shape[0], prompt, prompt_embeds)
         chunks = math.ceil(batch.shape[0] / options.batch_size)
         progress = _Progress(callback, options.steps * chunks * len(groups))
         # 2. Resize, pad and encode once.                                   # [B, 3, Hp, Wp] in [-1, 1]
@@ -383,12 +390,13 @@ class DMPModel:
         return {name: results[name] for name in names}
 
     def _task_groups(self, names: list[str], options: PredictOptions) -> list[list[str]]:
-        """Adapters that sample together: one each, or (batched) all sharing a prediction type."""
-        if options.task_batching == "sequential" or options.prediction_type is not None:
-            return [[n] for n in names] if options.task_batching == "sequential" else [names]
-        groups: dict[str, list[str]] = {}
+        """Adapters that sample together: one each, or (batched) those sharing prediction type and prompting."""
+        if options.task_batching == "sequential":
+            return [[n] for n in names]
+        groups: dict[tuple, list[str]] = {}
         for name in names:
-            groups.setdefault(self._adapters[name].info.prediction_type, []).append(name)
+            info = self._adapters[name].info
+            groups.setdefault((options.prediction_type or info.prediction_type, info.uses_prompts), []).append(name)
         return list(groups.values())
 
     def _finish(self, y, x, name, framing, options, return_latents) -> Prediction:

@@ -35,7 +35,7 @@ class Schedule:
     """The constants the sampler takes from a base's scheduler config.
 
     Attributes:
-        alphas_cumprod: float32 [num_train_timesteps].
+        alphas_cumprod: float32 [num_train_timesteps] (also what training interpolates with).
         final_alpha: alpha after the last step (alphas_cumprod[0] = 0.99915 for SD 1.x).
         steps_offset: added to "leading" timesteps (1 for SD 1.x).
         clip_sample: clamp range for y_hat when the config clips (SD 1.x does not: None).
@@ -59,20 +59,6 @@ def schedule_from_config(scheduler_config: dict) -> Schedule:
                     int(config.steps_offset), float(config.clip_sample_range) if config.clip_sample else None)
 
 
-def alphas_cumprod_from_config(scheduler_config: dict) -> torch.Tensor:
-    """The cumulative alpha products of an SD 1.x scheduler config, computed by diffusers itself.
-
-    Args:
-        scheduler_config: a diffusers scheduler config (``scheduler_config.json``).
-
-    Returns:
-        float32 tensor [num_train_timesteps].
-    """
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler.from_config(scheduler_config).alphas_cumprod.clone()
-
-
 def get_timesteps(
     num_steps: int,
     spacing: str = "leading",
@@ -89,6 +75,10 @@ def get_timesteps(
         raise ValueError(f"steps must be between 1 and {num_train_timesteps}, got {num_steps}")
     if spacing == "leading":
         ratio = num_train_timesteps // num_steps
+        if (num_steps - 1) * ratio + steps_offset >= num_train_timesteps:  # 1000 steps would start at t = 1000
+            raise ValueError(f"steps={num_steps} with leading spacing (offset {steps_offset}) would start past "
+                             f"t = {num_train_timesteps - 1}; use at most {num_train_timesteps - steps_offset} "
+                             "steps, or trailing spacing")
         return [(num_steps - 1 - i) * ratio + steps_offset for i in range(num_steps)]
     if spacing == "trailing":
         # Same arithmetic as diffusers' DDIMScheduler (numpy, round half to even).
@@ -178,13 +168,11 @@ def sample_dmp(
     model: Denoiser,
     x: torch.Tensor,
     timesteps: Sequence[int],
-    alphas_cumprod: torch.Tensor,
-    final_alpha: torch.Tensor,
+    schedule: Schedule,
     prediction_type: str = "v_prediction",
     oracle: bool = False,
     final_output: str = "z",
     callback: StepCallback | None = None,
-    clip_sample: float | None = None,
 ) -> torch.Tensor:
     """DMP's deterministic interpolation sampler, from the input latent x to the prediction latent.
 
@@ -192,14 +180,13 @@ def sample_dmp(
         model: ``model(z, t) -> output`` for latents [B, 4, h, w] (guidance is the model's business).
         x: input image latents [B, 4, h, w]; the chain starts at z = x, no noise added.
         timesteps: from ``get_timesteps``, largest first.
-        alphas_cumprod: [1000] from ``alphas_cumprod_from_config``.
-        final_alpha: alpha used after the last step (alphas_cumprod[0] for SD 1.x).
+        schedule: the base's constants (``schedule_from_config``): alphas_cumprod, the alpha after
+            the last step (alphas_cumprod[0] = 0.99915 for SD 1.x), y_hat clipping (off for SD 1.x).
         prediction_type: one of PREDICTION_TYPES.
         oracle: use x itself as x_hat (the paper's "oracle" DDIM) instead of the model's estimate.
         final_output: "z" returns the last z, as the reference (keeps 0.029 * x at a_prev = 0.99915);
             "y_hat" returns the model's estimate of y at the last step.
         callback: ``callback(i, N, z)`` after each step; may raise to interrupt.
-        clip_sample: clamp y_hat to [-clip_sample, clip_sample] (DDIM's clip_sample; off for SD 1.x).
 
     Returns:
         prediction latents [B, 4, h, w].
@@ -207,8 +194,9 @@ def sample_dmp(
     if final_output not in FINAL_OUTPUTS:
         raise ValueError(f"final_output must be one of {FINAL_OUTPUTS}, got {final_output!r}")
     num_steps = len(timesteps)
-    alphas_cumprod = alphas_cumprod.to(x.device)
-    final_alpha = final_alpha.to(x.device)
+    alphas_cumprod = schedule.alphas_cumprod.to(x.device)
+    final_alpha = schedule.final_alpha.to(x.device)
+    clip_sample = schedule.clip_sample
     z = x
     y_hat = x
     for i, t in enumerate(timesteps):

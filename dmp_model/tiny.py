@@ -160,5 +160,5 @@ def save_random_adapter(unet, path: str | os.PathLike, seed: int = 0, task: str 
                                                                             generator=generator) * scale
                 tensors[f"{name}.{projection}.lora_B.weight"] = torch.randn(layer.out_features, rank,
                                                                             generator=generator) * scale
-    facts = {**infer_info_from_name(task), "task": task, "rank": rank}
+    facts = {**infer_info_from_name(task), "task": task, "rank": rank, "uses_prompts": False}
     return save_adapter(path, tensors, AdapterInfo(**facts))

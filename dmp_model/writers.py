@@ -229,3 +229,52 @@ def write_class_png(path: str | os.PathLike, class_ids: np.ndarray) -> Path:
     with atomic_path(path) as temp, open(temp, "xb") as f:
         Image.fromarray(class_ids.astype(np.uint8)).save(f, format="PNG")
     return Path(path)
+
+
+# Raw predictions: which file formats can hold each task's values, and how. --------------------
+
+RAW_FORMATS = ("npy", "png", "exr")
+_PNG_TASKS = ("depth", "segmentation")  # 16-bit depth, 8-bit class ids: no other task fits a PNG losslessly
+
+
+def raw_formats(task: str) -> tuple[str, ...]:
+    """The RAW_FORMATS that can hold a task's raw values (EXR holds floats, so not class ids)."""
+    return tuple(f for f in RAW_FORMATS
+                 if f == "npy" or (f == "png" and task in _PNG_TASKS) or (f == "exr" and task != "segmentation"))
+
+
+def check_raw(task: str, raw: np.ndarray, file_format: str, path: str | os.PathLike = "") -> None:
+    """Raise before writing anything if `raw` cannot be written as `file_format` (see ``write_raw``)."""
+    if file_format not in RAW_FORMATS:
+        raise ValueError(f"file format must be one of {RAW_FORMATS}, got {file_format!r}")
+    if file_format not in raw_formats(task):
+        raise ValueError(f"a {task} prediction cannot be saved as {file_format}; use one of {raw_formats(task)}")
+    if file_format == "exr" and not exr_available():
+        raise ValueError("EXR needs the optional OpenEXR package: pip install openexr (or use npy)")
+    _check_array(raw, path, "raw prediction", None)
+    if task == "segmentation" and raw.size and (raw.min() < 0 or raw.max() > 255):
+        raise ValueError(f"class ids for {os.fspath(path)!r} must lie in 0..255, got {raw.min()}..{raw.max()}")
+
+
+def write_raw(path: str | os.PathLike, task: str, raw: np.ndarray, file_format: str,
+              depth_png_encoding: str = "millimeters") -> Path:
+    """Write one image's raw prediction in one of its ``raw_formats``, atomically.
+
+    npy keeps the values (float32; class ids as uint8); png is 16-bit depth (``write_depth_png16``
+    with `depth_png_encoding`) or 8-bit class ids; exr is float32.
+
+    Args:
+        path: the file to write (the caller chooses the name).
+        task: the prediction's task (dmp_model.tasks.TASKS).
+        raw: numpy array of one image's raw values ([H, W] or [H, W, 3]).
+        file_format: one of RAW_FORMATS.
+        depth_png_encoding: one of DEPTH_PNG_ENCODINGS, for depth as png.
+    """
+    check_raw(task, raw, file_format, path)
+    if task == "segmentation":
+        ids = raw.astype(np.uint8)
+        return write_npy(path, ids) if file_format == "npy" else write_class_png(path, ids)
+    if file_format == "png":
+        return write_depth_png16(path, raw, depth_png_encoding)
+    values = raw.astype(np.float32)
+    return write_npy(path, values) if file_format == "npy" else write_exr(path, values)

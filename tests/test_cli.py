@@ -206,7 +206,7 @@ def test_segmentation_writes_class_maps(tiny_base, adapters, tmp_path, caplog):
     assert sorted(snapshot(out)) == ["seg-c-notext/room.npy", "seg-c-notext/room_classes.png",
                                      "seg-c-notext/room_visual.png"]  # no EXR of class ids
     ids = np.load(out / "seg-c-notext" / "room.npy")
-    assert ids.shape == (16, 24) and ids.dtype == np.int16 and 0 <= ids.min() and ids.max() < 150
+    assert ids.shape == (16, 24) and ids.dtype == np.uint8 and 0 <= ids.min() and ids.max() < 150
     with Image.open(out / "seg-c-notext" / "room_classes.png") as classes:
         assert classes.mode == "L" and np.array_equal(np.asarray(classes), ids)
     with Image.open(out / "seg-c-notext" / "room_visual.png") as visual:
@@ -279,3 +279,33 @@ def test_a_prompt_without_tokenizer_is_refused_up_front(tiny_base, adapters, tmp
     shutil.copytree(tiny_base, config, ignore=shutil.ignore_patterns("tokenizer", "*.safetensors"))
     code, _, text = run(caplog, argv + ["--config", str(config)])
     assert code == 2 and "--prompt needs the CLIP tokenizer" in text and not out.exists()
+
+
+def test_batch_size_groups_same_size_images_and_a_failed_batch_is_retried_one_by_one(
+        tiny_base, adapters, tmp_path, caplog, monkeypatch):
+    images = write_images(tmp_path / "images", {"a.png": (16, 16), "b.png": (16, 16), "c.png": (16, 24),
+                                                "d.png": (16, 16)})
+    batches = []
+    original = DMPModel.predict_tasks
+
+    def spy(self, images, *args, **kwargs):
+        batches.append(images.shape[0])
+        return original(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(DMPModel, "predict_tasks", spy)
+    code, summaries, _ = run(caplog, args_for(tiny_base, adapters, [images], tmp_path / "batched", "--batch-size", "2"))
+    assert code == 0 and summaries == [(1, 1, 4, 0, 0)] and sorted(batches) == [1, 1, 2]
+    alone = tmp_path / "alone"
+    assert run(caplog, args_for(tiny_base, adapters, [images], alone, "--batch-size", "1"))[0] == 0
+    for name in ("a", "b", "c", "d"):
+        np.testing.assert_allclose(np.load(tmp_path / "batched" / "depth-a-notext" / f"{name}.npy"),
+                                   np.load(alone / "depth-a-notext" / f"{name}.npy"), atol=1e-4)
+
+    def fail_batches(self, images, *args, **kwargs):  # e.g. out of memory for batches, fine one by one
+        if images.shape[0] > 1:
+            raise RuntimeError("out of memory")
+        return original(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(DMPModel, "predict_tasks", fail_batches)
+    code, summaries, _ = run(caplog, args_for(tiny_base, adapters, [images], tmp_path / "retried", "--batch-size", "3"))
+    assert code == 0 and summaries == [(1, 1, 4, 0, 0)]

@@ -138,7 +138,7 @@ def test_interrupt_stops_a_run_and_the_next_run_works(env, images):
 
 
 def test_prompt_text_or_conditioning(env, images):
-    model = load(env, "depth")
+    model = load(env, "albedo")  # a prompted adapter (the paper's bedroom ones are); -notext ignore prompts
     plain = predict(env, model, images)[1].raw
     texted = predict(env, model, images, prompt="a bedroom")[1].raw
     embeds = model.model.text.encode(["a bedroom"])

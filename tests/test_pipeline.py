@@ -21,7 +21,7 @@ def parity(tiny_base, tmp_path_factory):
     pristine = copy.deepcopy(model.unet)
     folder = write_official_adapter(model.unet, tmp_path_factory.mktemp("parity") / "depth-p-notext", seed=21,
                                     scale=0.3)
-    model.load_adapter(folder)
+    model.load_adapter(folder, uses_prompts=True)  # also run with prompts, as the paper's prompted adapters
     reference_unet = merged_unet(pristine, random_lora(pristine, seed=21, scale=0.3))
     tokenizer = CLIPTokenizer.from_pretrained(tiny_base, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(tiny_base, subfolder="text_encoder").eval()
@@ -267,10 +267,43 @@ def test_batched_tasks_equal_sequential_tasks(tiny_model):
     for name in names:
         torch.testing.assert_close(batched[name].latents, sequential[name].latents, atol=1e-5, rtol=0)
     assert not torch.allclose(batched[names[0]].latents, batched[names[1]].latents)
-    with_prompt = tiny_model.predict_tasks(images, names, processing_resolution=0, return_latents=True,
-                                           task_batching="batched", prompt="a room")
-    alone = tiny_model.predict(images, names[1], processing_resolution=0, return_latents=True, prompt="a room")
-    torch.testing.assert_close(with_prompt[names[1]].latents, alone.latents, atol=1e-5, rtol=0)
+
+
+
+def test_a_prompt_reaches_prompted_adapters_only(tiny_model, tmp_path):
+    """Mixed tasks: the prompted adapter is guided by the prompt, the -notext one runs on the empty prompt."""
+    images = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(8))
+    prompted = tiny_model.load_adapter(tiny_model._adapters["normal-test-notext"].file, name="normal-prompted",
+                                       uses_prompts=True)
+    assert prompted.uses_prompts
+    names = ["depth-test-notext", "normal-prompted"]
+    for mode in ("sequential", "batched"):
+        mixed = tiny_model.predict_tasks(images, names, processing_resolution=0, return_latents=True,
+                                         prompt="a room", task_batching=mode)
+        plain = tiny_model.predict(images, names[0], processing_resolution=0, return_latents=True)
+        torch.testing.assert_close(mixed[names[0]].latents, plain.latents, atol=1e-5, rtol=0)
+        unprompted = tiny_model.predict(images, names[1], processing_resolution=0, return_latents=True)
+        assert not torch.allclose(mixed[names[1]].latents, unprompted.latents, atol=1e-4)
+
+
+def test_prompt_counts_are_checked_against_the_whole_batch_before_any_work(tiny_model):
+    images = torch.rand(8, 3, 16, 16)
+    calls = []
+    encode = tiny_model.encode
+    tiny_model.encode = lambda pixels: calls.append(1) or encode(pixels)
+    try:
+        with pytest.raises(ValueError, match=r"one prompt or one per image \(8\), got 5"):
+            tiny_model.predict(images, "depth-test-notext", batch_size=4, prompt=["a"] * 5)
+        with pytest.raises(ValueError, match="prompt_embeds must have 1 or 8 rows, got 4"):
+            tiny_model.predict(images, "depth-test-notext", batch_size=4, prompt_embeds=torch.zeros(4, 77, 32))
+    finally:
+        tiny_model.encode = encode
+    assert calls == []
+
+
+def test_adapter_facts_come_from_its_path_whatever_name_it_is_given(tiny_model):
+    info = tiny_model.load_adapter(tiny_model._adapters["depth-test-notext"].file.parent, name="d")
+    assert (info.task, info.uses_prompts, info.target_scale) == ("depth", False, 8.0)
 
 
 def test_scheduler_config_defaults_resolve_as_diffusers_does(tiny_base, tmp_path):

@@ -7,11 +7,12 @@ import torch
 from diffusers import DDIMScheduler
 
 from dmp_model.loading import SD1_CONFIG_DIR
-from dmp_model.sampling import (PREDICTION_TYPES, alphas_cumprod_from_config, apply_guidance, get_timesteps,
-                                interpolate, sample_dmp, split_prediction, training_target, velocity)
+from dmp_model.sampling import (PREDICTION_TYPES, Schedule, apply_guidance, get_timesteps, interpolate, sample_dmp,
+                                schedule_from_config, split_prediction, training_target, velocity)
 
 SCHEDULER_CONFIG = json.loads((SD1_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())
-ALPHAS = alphas_cumprod_from_config(SCHEDULER_CONFIG)
+SCHEDULE = schedule_from_config(SCHEDULER_CONFIG)
+ALPHAS = SCHEDULE.alphas_cumprod
 A0 = ALPHAS[0]
 
 
@@ -34,7 +35,7 @@ def test_five_leading_steps_are_the_references():
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
-@pytest.mark.parametrize("steps", [1, 2, 3, 5, 7, 10, 50, 999, 1000])
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 7, 10, 50, 999])
 def test_timesteps_equal_diffusers(spacing, steps):
     scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG, timestep_spacing=spacing)
     scheduler.set_timesteps(steps)
@@ -45,6 +46,19 @@ def test_timesteps_equal_diffusers(spacing, steps):
 def test_steps_out_of_range_raise(bad):
     with pytest.raises(ValueError, match="steps must be between 1 and 1000"):
         get_timesteps(bad)
+
+
+def test_1000_leading_steps_would_start_past_the_schedule_and_are_refused():
+    """diffusers gives t = 1000 here and then fails indexing alphas_cumprod: refuse up front."""
+    with pytest.raises(ValueError, match="would start past t = 999; use at most 999 steps, or trailing"):
+        get_timesteps(1000)
+    assert get_timesteps(1000, "trailing")[0] == 999 and get_timesteps(1000, "trailing")[-1] == 0
+
+
+@pytest.mark.parametrize("steps, spacing", [(999, "leading"), (1000, "trailing")])
+def test_the_longest_schedules_run(steps, spacing):
+    out = sample_dmp(fake_model(1), latents(1, (1, 4, 2, 2)), get_timesteps(steps, spacing), SCHEDULE)
+    assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("bad", [2.5, "5", None, True])
@@ -101,7 +115,7 @@ def test_standard_sampler_equals_diffusers_ddim(prediction_type, spacing, steps)
     z = x
     for t in scheduler.timesteps:
         z = scheduler.step(model(z, int(t)), t, z).prev_sample
-    ours = sample_dmp(model, x, get_timesteps(steps, spacing), ALPHAS, A0, prediction_type)
+    ours = sample_dmp(model, x, get_timesteps(steps, spacing), SCHEDULE, prediction_type)
     torch.testing.assert_close(ours, z, atol=1e-5, rtol=1e-5)
 
 
@@ -128,7 +142,7 @@ def reference_oracle(model, x, timesteps, prediction_type):
 def test_oracle_sampler_follows_the_method(prediction_type, steps):
     x, model = latents(5), fake_model(6)
     timesteps = get_timesteps(steps)
-    ours = sample_dmp(model, x, timesteps, ALPHAS, A0, prediction_type, oracle=True)
+    ours = sample_dmp(model, x, timesteps, SCHEDULE, prediction_type, oracle=True)
     torch.testing.assert_close(ours, reference_oracle(model, x, timesteps, prediction_type), atol=1e-5, rtol=1e-5)
 
 
@@ -142,7 +156,7 @@ def test_oracle_with_a_perfect_model_lands_on_the_method_formula(spacing, steps)
         a = ALPHAS[t]
         return (a**0.5 * z - y) / (1 - a) ** 0.5
 
-    out = sample_dmp(perfect, x, get_timesteps(steps, spacing), ALPHAS, A0, "v_prediction", oracle=True)
+    out = sample_dmp(perfect, x, get_timesteps(steps, spacing), SCHEDULE, "v_prediction", oracle=True)
     torch.testing.assert_close(out, A0**0.5 * y + (1 - A0) ** 0.5 * x, atol=1e-5, rtol=1e-5)
     assert (1 - A0) ** 0.5 == pytest.approx(0.029, abs=5e-4)
 
@@ -158,7 +172,7 @@ def test_perfect_model_standard_sampler_keeps_the_first_implied_input():
     timesteps = get_timesteps(5)
     a_first = ALPHAS[timesteps[0]]
     implied_x = (x - a_first**0.5 * y) / (1 - a_first) ** 0.5
-    out = sample_dmp(perfect, x, timesteps, ALPHAS, A0, "v_prediction")
+    out = sample_dmp(perfect, x, timesteps, SCHEDULE, "v_prediction")
     torch.testing.assert_close(out, A0**0.5 * y + (1 - A0) ** 0.5 * implied_x, atol=1e-4, rtol=1e-4)
 
 
@@ -169,7 +183,7 @@ def test_final_output_y_hat_returns_the_last_estimate():
         a = ALPHAS[t]
         return (a**0.5 * z - y) / (1 - a) ** 0.5
 
-    out = sample_dmp(perfect, x, get_timesteps(5), ALPHAS, A0, "v_prediction", oracle=True, final_output="y_hat")
+    out = sample_dmp(perfect, x, get_timesteps(5), SCHEDULE, "v_prediction", oracle=True, final_output="y_hat")
     torch.testing.assert_close(out, y, atol=1e-5, rtol=1e-5)
 
 
@@ -181,7 +195,7 @@ def test_guidance_combines_cond_then_uncond():
 
 def test_callback_sees_every_step_and_can_interrupt():
     seen = []
-    sample_dmp(fake_model(1), latents(1), get_timesteps(5), ALPHAS, A0, callback=lambda i, n, z: seen.append((i, n)))
+    sample_dmp(fake_model(1), latents(1), get_timesteps(5), SCHEDULE, callback=lambda i, n, z: seen.append((i, n)))
     assert seen == [(i, 5) for i in range(5)]
 
     def stop(i, n, z):
@@ -189,14 +203,14 @@ def test_callback_sees_every_step_and_can_interrupt():
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        sample_dmp(fake_model(1), latents(1), get_timesteps(5), ALPHAS, A0, callback=stop)
+        sample_dmp(fake_model(1), latents(1), get_timesteps(5), SCHEDULE, callback=stop)
 
 
 def test_unknown_prediction_type_and_final_output_raise():
     with pytest.raises(ValueError, match="prediction_type must be one of"):
-        sample_dmp(fake_model(1), latents(1), [1], ALPHAS, A0, "x0")
+        sample_dmp(fake_model(1), latents(1), [1], SCHEDULE, "x0")
     with pytest.raises(ValueError, match="final_output must be one of"):
-        sample_dmp(fake_model(1), latents(1), [1], ALPHAS, A0, final_output="last")
+        sample_dmp(fake_model(1), latents(1), [1], SCHEDULE, final_output="last")
 
 
 def test_clip_sample_clamps_the_estimate_of_y_only():
@@ -207,6 +221,6 @@ def test_clip_sample_clamps_the_estimate_of_y_only():
     z = x
     for t in scheduler.timesteps:
         z = scheduler.step(model(z, int(t)), t, z).prev_sample
-    ours = sample_dmp(model, x, get_timesteps(5), ALPHAS, A0, clip_sample=1.0)
+    ours = sample_dmp(model, x, get_timesteps(5), Schedule(ALPHAS, A0, 1, clip_sample=1.0))
     torch.testing.assert_close(ours, z, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(ours, sample_dmp(model, x, get_timesteps(5), ALPHAS, A0), atol=1e-3)
+    assert not torch.allclose(ours, sample_dmp(model, x, get_timesteps(5), SCHEDULE), atol=1e-3)

@@ -182,7 +182,8 @@ def single_file_base(tiny_base, tmp_path_factory):
 
 def test_single_file_without_tokenizer_predicts_notext_and_refuses_prompts(single_file_base):
     path, config, adapter = single_file_base
-    model = DMPModel.from_pretrained(path, device="cpu", precision="fp32", config=config, adapters=[adapter])
+    model = DMPModel.from_pretrained(path, device="cpu", precision="fp32", config=config)
+    model.load_adapter(adapter, uses_prompts=True)
     assert model.text.tokenizer is None
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     raw = model.predict(image, processing_resolution=0).raw
@@ -195,8 +196,10 @@ def test_single_file_without_tokenizer_predicts_notext_and_refuses_prompts(singl
 def test_a_tokenizer_folder_makes_prompts_work_with_a_single_file(single_file_base, tiny_base):
     path, config, adapter = single_file_base
     model = DMPModel.from_pretrained(path, device="cpu", precision="fp32", config=config,
-                                     tokenizer=tiny_base / "tokenizer", adapters=[adapter])
-    reference = DMPModel.from_pretrained(tiny_base, device="cpu", precision="fp32", adapters=[adapter])
+                                     tokenizer=tiny_base / "tokenizer")
+    reference = DMPModel.from_pretrained(tiny_base, device="cpu", precision="fp32")
+    for each in (model, reference):
+        each.load_adapter(adapter, uses_prompts=True)
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     ours = model.predict(image, processing_resolution=0, prompt="a bedroom", return_latents=True)
     theirs = reference.predict(image, processing_resolution=0, prompt="a bedroom", return_latents=True)

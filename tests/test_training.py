@@ -18,7 +18,7 @@ from PIL import Image
 from dmp_model import DMPModel
 from dmp_model.adapters import ATTENTION_PROJECTIONS
 from dmp_model.checkpoints import read_state_dict
-from dmp_model.sampling import alphas_cumprod_from_config, interpolate, training_target
+from dmp_model.sampling import schedule_from_config
 from training import TrainConfig, train
 from training.checkpoints import list_checkpoints, load_checkpoint
 from training.data import adapter_info
@@ -53,17 +53,18 @@ def final_state(out: Path) -> dict:
     return load_checkpoint(list_checkpoints(out)[-1])
 
 
-def test_objective_is_the_engines_interpolation(tiny_base):
-    """dmp_loss = MSE(unet(z_t, t), v) with z_t and v from dmp_model.sampling, t from the generator."""
+def test_objective_is_the_method_pages(tiny_base):
+    """dmp_loss = MSE(unet(z_t, t), v), z_t = sqrt(a) y + sqrt(1 - a) x, v = sqrt(a) x - sqrt(1 - a) y."""
     model = DMPModel.from_pretrained(tiny_base, device="cpu", precision="fp32")
     x, y = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
     context = torch.randn(2, 77, 32)
-    alphas = alphas_cumprod_from_config(model.scheduler_config)
+    alphas = schedule_from_config(model.scheduler_config).alphas_cumprod
     loss = dmp_loss(model.unet, x, y, context, alphas, "v_prediction", torch.Generator().manual_seed(5))
     t = torch.randint(0, 1000, (2,), generator=torch.Generator().manual_seed(5))
     a = alphas[t].view(2, 1, 1, 1)
-    expected = torch.nn.functional.mse_loss(model.unet(interpolate(y, x, a), t, context).sample,
-                                            training_target("v_prediction", y, x, a))
+    z_t = a.sqrt() * y + (1 - a).sqrt() * x
+    v = a.sqrt() * x - (1 - a).sqrt() * y
+    expected = torch.nn.functional.mse_loss(model.unet(z_t, t, context).sample, v)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
