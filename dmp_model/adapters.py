@@ -140,7 +140,7 @@ def adapter_name_for(path: str | os.PathLike) -> str:
 
 
 def detect_adapter_format(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Which LoRA layout the keys use: 'dmp' (attention processors), 'peft' or 'kohya'."""
+    """Which of ADAPTER_FORMATS the keys use: 'dmp' (attention processors), 'peft' or 'kohya'."""
     keys = list(state_dict)
     if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
         return "kohya"

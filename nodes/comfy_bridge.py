@@ -79,12 +79,26 @@ def adapter_choices() -> list[str]:
 
 
 def _diffusers_folders() -> dict[str, Path]:
-    """Diffusers model folders (those holding model_index.json) by their path relative to 'diffusers'."""
+    """Diffusers model folders (those holding model_index.json) by their path relative to 'diffusers'.
+
+    Linked folders are followed, but every real folder is walked once (a link to a parent folder
+    would otherwise be walked over and over), in name order so that of two links to one model the
+    same one is always listed; a model folder's own subfolders (unet/, vae/, ...) are not walked.
+    """
     found: dict[str, Path] = {}
+    visited: set[str] = set()
     for root in folder_paths.get_folder_paths("diffusers"):
         if not os.path.isdir(root):
             continue
-        for folder, _subfolders, files in os.walk(root, followlinks=True):
+        for folder, subfolders, files in os.walk(root, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in visited or "model_index.json" in files:
+                subfolders.clear()  # os.walk descends only into the names left in the list
+            else:
+                subfolders.sort()
+            if real in visited:
+                continue
+            visited.add(real)
             if "model_index.json" in files:
                 relative = os.path.relpath(folder, root).replace(os.sep, "/")
                 found.setdefault(relative, Path(folder))

@@ -1,4 +1,4 @@
-"""Loading DMP models: one cached base per (path, precision, device), adapters added to it.
+"""Loading DMP models: one cached base per (path, files' identity, precision, device), adapters added to it.
 
 A ``DMP_MODEL`` socket carries a ``DMPModelView``: the shared base and the names of the adapters
 its loader asked for. Loading never removes or replaces an adapter another view uses, so two
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ MAX_CACHED_BASES = 2
 MAX_ADAPTERS = 5
 NO_ADAPTER = "none"
 TASK_CHOICES = ("auto", *TASKS)
+# The parts of a diffusers folder a base is loaded from (the text encoder loads lazily, later).
+_BASE_SUBFOLDERS = ("unet", "vae")
 
 
 @dataclass(eq=False)
@@ -37,13 +40,13 @@ class BaseHandle:
     """A loaded base shared by every DMP_MODEL on it.
 
     Attributes:
-        key: (resolved path, precision, device), the cache key.
+        key: (resolved path, files' identity, precision, device), the cache key.
         model: the DMPModel (UNet, VAE, lazy text encoder, attached adapters).
         patcher: ComfyUI's ModelPatcher managing its memory (None outside ComfyUI).
         files: adapter name -> resolved file it was loaded from.
     """
 
-    key: tuple[str, str, str]
+    key: tuple[str, tuple, str, str]
     model: DMPModel
     patcher: object | None
     files: dict[str, str] = field(default_factory=dict)
@@ -83,7 +86,7 @@ class DMPModelView:
         return next((name for name in self.adapters if self.info(name).task == task), None)
 
 
-_BASES: OrderedDict[tuple[str, str, str], BaseHandle] = OrderedDict()
+_BASES: OrderedDict[tuple[str, tuple, str, str], BaseHandle] = OrderedDict()
 
 
 @contextlib.contextmanager
@@ -96,16 +99,43 @@ def _plain_errors() -> Iterator[None]:
         raise ValueError(str(err)) from err
 
 
+def _stamp(file: Path) -> tuple[int, int]:
+    status = file.stat()
+    return status.st_size, status.st_mtime_ns
+
+
+def base_identity(path: Path) -> tuple:
+    """What changes when a base's weights are replaced: (size, mtime_ns) of a single file, or of
+    every file under a diffusers folder's unet/ and vae/ (by relative path, sorted)."""
+    path = Path(path)
+    if not path.is_dir():
+        return _stamp(path)
+    stamps = []
+    for sub in _BASE_SUBFOLDERS:
+        for folder, _subfolders, files in os.walk(path / sub):
+            for name in files:
+                file = Path(folder, name)
+                stamps.append((file.relative_to(path).as_posix(), *_stamp(file)))
+    return tuple(sorted(stamps))
+
+
 def get_base(path: Path, precision: str) -> BaseHandle:
-    """The cached base for (path, precision, ComfyUI's device), loading it after freeing memory."""
+    """The cached base for (path, its files' identity, precision, ComfyUI's device), loading it
+    after freeing memory; a base whose files were replaced is loaded again and the old copy dropped."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     device = bridge.torch_device()
     resolved = bridge.resolve_precision(precision, device)
-    key = (str(Path(path).resolve()), resolved, str(device))
+    try:
+        identity = base_identity(path)
+    except OSError as err:
+        raise FileNotFoundError(f"base model {os.fspath(path)!r} cannot be read: {err}") from err
+    key = (str(Path(path).resolve()), identity, resolved, str(device))
     if key in _BASES:
         _BASES.move_to_end(key)
         return _BASES[key]
+    for stale in [k for k in _BASES if (k[0], k[2], k[3]) == (key[0], key[2], key[3])]:
+        del _BASES[stale]  # replaced files: models already handed out keep their copy until they go
     bridge.free_memory(estimate_base_bytes(path, resolved), device)
     tokenizer = bridge.sd1_tokenizer() if Path(path).is_file() else None
     with _plain_errors():
@@ -122,8 +152,8 @@ def attach_adapter(base: BaseHandle, file: Path) -> str:
     """Attach an adapter file to a base (free if already there) and return its name on the base.
 
     Adapters are named as DMP names them (their folder). Should another file already hold that
-    name on this base, this one gets a numbered name with the same facts (task, prompts) as
-    its own name implies, so the other adapter stays as it is.
+    name on this base, this one gets a numbered name ('depth-hypersim-notext~2'), so the other
+    adapter stays as it is; the engine reads its facts (task, prompts) off its path, not its name.
     """
     resolved = str(Path(file).resolve())
     natural = adapter_files.adapter_name_for(file)
@@ -131,13 +161,8 @@ def attach_adapter(base: BaseHandle, file: Path) -> str:
     while base.files.get(name, resolved) != resolved:
         number += 1
         name = f"{natural}~{number}"
-    overrides = {}
     with _plain_errors():
-        if name != natural:
-            _tensors, metadata, _file = adapter_files.read_adapter(file)
-            overrides = {**adapter_files.infer_info_from_name(natural),
-                         **adapter_files.info_from_metadata(metadata)}
-        base.model.load_adapter(file, name=name, **overrides)
+        base.model.load_adapter(file, name=name)
     base.files[name] = resolved
     return name
 
@@ -190,13 +215,13 @@ class DMPLoader:
 
     @classmethod
     def IS_CHANGED(cls, base, adapter, precision, **more_adapters):
-        """Files' modification times, so that a replaced file is loaded again."""
-        files = [(bridge.resolve_base, base), (bridge.resolve_adapter, adapter)]
-        files += [(bridge.resolve_adapter, v) for v in more_adapters.values() if v != NO_ADAPTER]
+        """The files' identities (sizes, modification times), so that a replaced file is loaded again."""
+        files = [(bridge.resolve_base, base_identity, base), (bridge.resolve_adapter, _stamp, adapter)]
+        files += [(bridge.resolve_adapter, _stamp, v) for v in more_adapters.values() if v != NO_ADAPTER]
         stamps = []
-        for resolve, name in files:
+        for resolve, identity, name in files:
             try:
-                stamps.append((name, resolve(name).stat().st_mtime_ns))
+                stamps.append((name, identity(resolve(name))))
             except (OSError, ValueError, RuntimeError):
                 stamps.append((name, None))  # load() reports the problem
         return repr(stamps)

@@ -12,8 +12,12 @@ from .models import TASK_CHOICES
 # The tasks with an output of their own on DMP Predict Tasks, in output order.
 OUTPUT_TASKS = ("depth", "normal", "segmentation", "albedo", "shading")
 
+# Leading spacing's first timestep is (steps - 1) * (1000 // steps) + 1: 1000 steps would start past
+# t = 999, which the engine refuses; 999 is the most either spacing allows.
+MAX_STEPS = 999
+
 _TIPS = {
-    "steps": "Sampler steps (UNet calls per image); DMP uses 5.",
+    "steps": f"Sampler steps (UNet calls per image); DMP uses 5. At most {MAX_STEPS}.",
     "sampler": "ddim: the standard DDIM update (DMP's default); oracle: DMP's variant that keeps the "
                "input image's latent as the noise estimate.",
     "spacing": "Timestep spacing: leading (801, 601, ... 1 for 5 steps, as DMP) or trailing "
@@ -21,12 +25,13 @@ _TIPS = {
     "processing_resolution": "Shorter image side while predicting (DMP: 512); the result is resized "
                              "back to the input size. 0 keeps the input size.",
     "batch_size": "Images per UNet batch; lower it if memory runs out on big batches.",
-    "prompt": "Optional prompt for adapters trained with captions (the paper's bedroom adapters); leave "
-              "empty for '-notext' adapters.",
+    "prompt": "Optional prompt, used only by adapters trained with captions (the paper's bedroom adapters). "
+              "'-notext' adapters ignore any prompt or conditioning (as DMP's disable_prompts); with several "
+              "tasks, only the prompted adapters get it.",
     "conditioning": "Optional prompt as a CONDITIONING from an SD 1.x CLIP Text Encode (instead of the "
-                    "text).",
+                    "text); like the text, only adapters trained with captions use it.",
     "guidance_scale": "Classifier-free guidance with a prompt (DMP: 2); 1 = no guidance. Ignored "
-                      "without a prompt.",
+                      "without a prompt and by '-notext' adapters.",
     "task": "Which adapter of the DMP model runs: the first one of this task; auto = the loader's first "
             "adapter.",
 }
@@ -35,7 +40,7 @@ _TIPS = {
 def _settings_inputs() -> dict:
     """Sampler and processing widgets shared by both prediction nodes."""
     return {
-        "steps": ("INT", {"default": 5, "min": 1, "max": 1000, "tooltip": _TIPS["steps"]}),
+        "steps": ("INT", {"default": 5, "min": 1, "max": MAX_STEPS, "tooltip": _TIPS["steps"]}),
         "sampler": (list(SAMPLERS), {"default": "ddim", "tooltip": _TIPS["sampler"]}),
         "spacing": (list(SPACINGS), {"default": "leading", "tooltip": _TIPS["spacing"]}),
         "processing_resolution": ("INT", {"default": 512, "min": 0, "max": 4096, "step": 8,

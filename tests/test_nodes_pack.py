@@ -159,3 +159,30 @@ def test_adapter_and_base_dropdowns(pack):
     assert not any(name.endswith("optimizer.bin") for name in adapters)
     assert loader["optional"]["adapter_2"][0] == ["none", *adapters]
     assert loader["required"]["base"][0] == ["sdxl_base_1.0.safetensors", f"diffusers/{TINY_BASE}"]
+
+
+def test_diffusers_folders_are_found_once_through_link_cycles(pack, tmp_path, monkeypatch):
+    import folder_paths
+
+    root = tmp_path / "diffusers"
+    for model in ("a/sd15", "b/sd14"):
+        (root / model / "unet").mkdir(parents=True)
+        (root / model / "model_index.json").write_text("{}")
+    (root / "a" / "sd15" / "unet" / "model_index.json").write_text("{}")  # inside a model: not a model
+    (root / "b" / "loop").symlink_to(root, target_is_directory=True)  # a cycle back to the top
+    (root / "c").symlink_to(root / "b" / "sd14", target_is_directory=True)  # a second name: listed once
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusers", ([str(root)], ["folder"]))
+    bridge = pack.nodes.comfy_bridge
+    # Without the checks also a/sd15/unet, c, b/loop/a/sd15, b/loop/b/loop/a/sd15, ... until ELOOP.
+    assert bridge._diffusers_folders() == {"a/sd15": root / "a" / "sd15", "b/sd14": root / "b" / "sd14"}
+    assert bridge.base_choices()[-2:] == ["diffusers/a/sd15", "diffusers/b/sd14"]
+    assert bridge.resolve_base("diffusers/b/sd14") == root / "b" / "sd14"
+
+
+@pytest.mark.parametrize("node_id", ["DMPPredict", "DMPPredictTasks"])
+def test_every_steps_value_offered_runs_with_every_spacing(pack, node_id):
+    required = pack.NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()["required"]
+    steps = required["steps"][1]
+    for spacing in required["spacing"][0]:
+        for value in (steps["min"], steps["default"], steps["max"]):
+            pack.dmp_model.PredictOptions(steps=value, spacing=spacing)  # raises on a value it refuses

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from comfy_stubs import stand_ins
 from comfy_stubs.model_files import ADAPTER_FILE, ADAPTERS, TINY_BASE, adapter_choice, write_official_adapter
@@ -76,7 +77,8 @@ def test_another_loader_never_changes_a_models_results(env, images):
     other = env.nodes["DMPLoader"]().load(BASE, f"v2/depth-hypersim-notext/{ADAPTER_FILE}", "auto")[0]
     assert other.adapters == ("depth-hypersim-notext~2",)
     assert other.info("depth-hypersim-notext~2").task == "depth"
-    assert not other.info("depth-hypersim-notext~2").uses_prompts
+    assert not other.info("depth-hypersim-notext~2").uses_prompts  # facts from the path, not the name
+    assert other.info("depth-hypersim-notext~2").target_scale == 8.0
     assert torch.equal(predict(env, first, images)[1].raw, before)
     assert not torch.equal(predict(env, other, images)[1].raw, before)
     twin.unlink()
@@ -88,6 +90,38 @@ def test_is_changed_follows_the_files(env):
     assert stamp == node.IS_CHANGED(BASE, adapter_choice("depth"), "auto", adapter_2="none")
     os.utime(env.paths["depth"], ns=(1, 1))
     assert stamp != node.IS_CHANGED(BASE, adapter_choice("depth"), "auto", adapter_2="none")
+
+
+def _first_weight(model):
+    return next(model.model.unet.parameters()).detach().clone()
+
+
+def test_a_replaced_base_is_loaded_again(env):
+    """Replacing a base's weights (a diffusers folder's unet/, a single file) loads it anew."""
+    from dmp_model.tiny import build_tiny_components, save_tiny_sd
+    from ldm_layout import write_single_file
+
+    models, node = env.root / "models", env.nodes["DMPLoader"]
+    folder = save_tiny_sd(models / "diffusers" / "replaced-sd1", components=build_tiny_components(seed=0))
+    single = write_single_file(models / "checkpoints" / "replaced-sd1.safetensors", *build_tiny_components(seed=0))
+    cache = env.pack.nodes.models._BASES
+    try:
+        for base, replace in [
+            ("diffusers/replaced-sd1", lambda: build_tiny_components(seed=1)[0].save_pretrained(folder / "unet")),
+            ("replaced-sd1.safetensors", lambda: write_single_file(single, *build_tiny_components(seed=1))),
+        ]:
+            first = load(env, "depth", base=base)
+            stamp = node.IS_CHANGED(base, adapter_choice("depth"), "auto")
+            assert load(env, "depth", base=base).base is first.base  # unchanged: the cached copy
+            replace()
+            assert node.IS_CHANGED(base, adapter_choice("depth"), "auto") != stamp  # ComfyUI runs the node
+            second = load(env, "depth", base=base)
+            assert second.base is not first.base and first.base not in cache.values()
+            assert not torch.equal(_first_weight(second), _first_weight(first))
+            assert second.info("depth-hypersim-notext").task == "depth"
+    finally:
+        for key in [k for k in cache if "replaced-sd1" in k[0]]:
+            del cache[key]
 
 
 # Prediction ------------------------------------------------------------------------------------
@@ -151,6 +185,17 @@ def test_prompt_text_or_conditioning(env, images):
         predict(env, model, images, prompt="x", conditioning=[[embeds, {}]])
     with pytest.raises(ValueError, match="do not fit this model"):  # SDXL/SD2 text encoders
         predict(env, model, images, conditioning=[[torch.zeros(1, 77, 2048), {}]])
+
+
+def test_notext_adapters_ignore_prompts_and_predict_tasks_prompts_only_the_others(env, images):
+    model = load(env, "depth", "albedo")  # depth-hypersim-notext, and a prompted albedo adapter
+    depth = predict(env, model, images, task="depth")[1].raw
+    assert torch.equal(predict(env, model, images, task="depth", prompt="a bedroom")[1].raw, depth)
+    node = env.nodes["DMPPredictTasks"]()
+    plain = node.predict(model, images, **SETTINGS)
+    prompted = node.predict(model, images, prompt="a bedroom", **SETTINGS)
+    assert torch.equal(prompted[0].raw, plain[0].raw) and torch.equal(prompted[0].raw, depth)
+    assert not torch.equal(prompted[3].raw, plain[3].raw)
 
 
 # Maps ------------------------------------------------------------------------------------------
@@ -234,8 +279,8 @@ def test_intrinsics_refuse_swapped_inputs(env, everything):
 def test_save_depth_as_16_bit_png_with_comfy_counters(env, everything):
     depth = everything[1][0]
     node = env.nodes["DMPSave"]()
-    ui = node.save(depth, "DMP/%task%", "png16", "millimeters")["ui"]
-    again = node.save(depth, "DMP/%task%", "png16", "millimeters")["ui"]
+    ui = node.save(depth, "DMP/%task%", "png", "millimeters")["ui"]
+    again = node.save(depth, "DMP/%task%", "png", "millimeters")["ui"]
     names = [f["filename"] for f in ui["dmp_files"] + again["dmp_files"]]
     assert names == ["depth_00001_.png", "depth_00002_.png", "depth_00003_.png", "depth_00004_.png"]
     folder = env.root / "output" / "DMP"
@@ -246,21 +291,56 @@ def test_save_depth_as_16_bit_png_with_comfy_counters(env, everything):
     assert all((env.root / "temp" / p["subfolder"] / p["filename"]).is_file() for p in ui["images"])
 
 
-def test_save_raw_values_as_npy_and_exr(env, everything):
+def test_save_formats_are_the_engines_raw_formats(env):
+    formats, options = env.nodes["DMPSave"].INPUT_TYPES()["required"]["format"]
+    assert formats == list(env.engine.writers.RAW_FORMATS) == ["npy", "png", "exr"]
+    assert options["default"] == "png"
+
+
+def test_save_raw_values_as_npy_png_and_exr(env, everything):
     normal, segmentation = everything[1][1], everything[1][2]
     node = env.nodes["DMPSave"]()
+    output = env.root / "output" / "raw"
     files = node.save(normal, "raw/%task%_%batch_num%", "npy", "millimeters")["ui"]["dmp_files"]
     assert [f["filename"] for f in files] == ["normal_0_00001_.npy", "normal_1_00002_.npy"]
-    np.testing.assert_array_equal(np.load(env.root / "output" / "raw" / files[1]["filename"]), normal.raw[1])
+    saved = np.load(output / files[1]["filename"])
+    assert saved.dtype == np.float32
+    np.testing.assert_array_equal(saved, normal.raw[1])
     ids = node.save(segmentation, "raw/seg", "npy", "millimeters")["ui"]["dmp_files"][0]
-    assert np.load(env.root / "output" / "raw" / ids["filename"]).dtype == np.int64
+    saved = np.load(output / ids["filename"])
+    assert saved.dtype == np.uint8
+    np.testing.assert_array_equal(saved, segmentation.raw[0])
+    png = node.save(segmentation, "raw/seg", "png", "millimeters")["ui"]["dmp_files"][1]
+    with Image.open(output / png["filename"]) as image:
+        assert image.mode == "L"
+        np.testing.assert_array_equal(np.asarray(image), segmentation.raw[1])
     if env.engine.writers.exr_available():
         assert node.save(normal, "raw/exr", "exr", "millimeters")["ui"]["dmp_files"]
     else:
         with pytest.raises(ValueError, match="pip install openexr"):
             node.save(normal, "raw/exr", "exr", "millimeters")
-    with pytest.raises(ValueError, match="png16 holds depth only"):
-        node.save(normal, "raw/n", "png16", "millimeters")
+    with pytest.raises(ValueError, match="DMP Save: a normal prediction cannot be saved as png"):
+        node.save(normal, "raw/n", "png", "millimeters")
+    with pytest.raises(ValueError, match="DMP Save: a segmentation prediction cannot be saved as exr"):
+        node.save(segmentation, "raw/n", "exr", "millimeters")
+
+
+@pytest.mark.parametrize("file_format", ["npy", "png"])
+def test_save_checks_every_image_before_writing_any(env, file_format):
+    engine = env.engine
+    raw = torch.rand(3, 4, 5) + 1
+    raw[2, 1, 1] = float("nan")  # the last image is broken: the first two must not be written either
+    depth = engine.Prediction("depth", engine.AdapterInfo(task="depth"), raw, torch.rand(3, 4, 5, 3))
+    folder = env.root / "output" / "partial"
+    with pytest.raises(ValueError, match="DMP Save: .*1 NaN or infinite values"):
+        env.nodes["DMPSave"]().save(depth, "partial/depth", file_format, "millimeters")
+    assert not folder.exists() or list(folder.iterdir()) == []
+    ids = torch.zeros(2, 4, 5, dtype=torch.int64)
+    ids[1, 0, 0] = 300  # not a class id a uint8 file can hold
+    seg = engine.Prediction("segmentation", engine.AdapterInfo(task="segmentation"), ids, torch.rand(2, 4, 5, 3))
+    with pytest.raises(ValueError, match="DMP Save: class ids .* must lie in 0..255"):
+        env.nodes["DMPSave"]().save(seg, "partial/seg", file_format, "millimeters")
+    assert not folder.exists() or list(folder.iterdir()) == []
 
 
 # Bad input -------------------------------------------------------------------------------------

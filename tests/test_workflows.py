@@ -121,7 +121,7 @@ def test_converter_and_validator_catch_broken_workflows(setup):
 
     too_many = copy.deepcopy(base)
     too_many["nodes"][predict]["widgets_values"][1] = 5000  # steps
-    assert any("outside [1, 1000]" in p for p in validate(too_many, info, files))
+    assert any("outside [1, 999]" in p for p in validate(too_many, info, files))
 
     mistyped = copy.deepcopy(base)
     mistyped["links"][0][5] = "MASK"
