@@ -20,10 +20,11 @@ from dmp_model.adapters import ATTENTION_PROJECTIONS
 from dmp_model.checkpoints import read_state_dict
 from dmp_model.sampling import schedule_from_config
 from training import TrainConfig, train
-from training.checkpoints import list_checkpoints, load_checkpoint
+from training.checkpoints import list_checkpoints, load_checkpoint, recover_interrupted, save_checkpoint
 from training.data import adapter_info
-from training.trainer import (ADAPTER_FILE, add_lora, build_datasets, dmp_loss, load_lora_state_dict,
-                              load_validation, validate)
+from training.metrics import TaskMetrics
+from training.trainer import (ADAPTER_FILE, ADAPTER_NAME, add_lora, build_datasets, dmp_loss,
+                              load_lora_state_dict, load_validation, validate)
 from training.world import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,3 +290,96 @@ def test_register_adapter_makes_a_live_peft_adapter_usable(tiny_base):
         if "lora_B" in name:
             parameter.data.fill_(0.05)
     assert not torch.equal(before, model.predict(images, steps=1, processing_resolution=0).raw)
+
+
+_KILL_WHILE_REPLACING = """
+import os, shutil, sys
+from training import checkpoints
+out, kill_at = sys.argv[1], sys.argv[2]
+checkpoints.save_checkpoint(out, {"step": 5, "tag": "old"})
+real_rename, real_rmtree = os.rename, shutil.rmtree
+
+def rename(source, target):
+    if kill_at == "publishing" and os.path.basename(source).startswith(".tmp-"):
+        os._exit(9)  # SIGKILL-like: no handler, no cleanup
+    real_rename(source, target)
+
+def rmtree(path, *args, **kwargs):
+    if kill_at == "deleting" and os.path.basename(path).startswith(".old-"):
+        os._exit(9)
+    real_rmtree(path, *args, **kwargs)
+
+os.rename, shutil.rmtree = rename, rmtree
+checkpoints.save_checkpoint(out, {"step": 5, "tag": "new"})
+"""
+
+
+@pytest.mark.parametrize("kill_at, survivor", [("publishing", "old"), ("deleting", "new")])
+def test_a_kill_while_replacing_a_checkpoint_keeps_that_step(tmp_path, kill_at, survivor):
+    """Writing a step again: killed before the new folder is in place, the old one comes back on the next
+    start; killed after, the new one stays. Either way the step survives and no hidden folder is left."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _KILL_WHILE_REPLACING, str(tmp_path), kill_at], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 9, done.stderr[-2000:]
+    recover_interrupted(tmp_path)  # what the next start does first
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000005"]
+    assert load_checkpoint(list_checkpoints(tmp_path)[0])["tag"] == survivor
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000005"]
+
+
+def test_replacing_a_checkpoint_that_fails_restores_the_old_one(tmp_path):
+    save_checkpoint(tmp_path, {"step": 2, "tag": "old"})
+
+    def broken_adapter(folder):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, {"step": 2, "tag": "new"}, broken_adapter)
+    assert load_checkpoint(list_checkpoints(tmp_path)[0])["tag"] == "old"
+    save_checkpoint(tmp_path, {"step": 2, "tag": "new"})
+    assert load_checkpoint(list_checkpoints(tmp_path)[0])["tag"] == "new"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002"]
+
+
+def test_validation_conditions_as_the_engine_runs_the_adapter(tiny_base, world, tmp_path):
+    """A prompted adapter (--captions) is validated with each caption and guidance, a -notext one with the
+    empty prompt: the same predictions DMPModel.predict gives for an adapter with those facts."""
+    conditioned = {}
+    for captions in (False, True):
+        config = tiny_config(tiny_base, world, tmp_path, captions=captions, val_split=2)
+        _, val_set = build_datasets(config, log=False)
+        val = load_validation(val_set, 2)
+        assert all(val.captions) == captions  # read only for a prompted adapter; the world has one per image
+        model = DMPModel.from_pretrained(tiny_base, device="cpu", precision="fp32")
+        add_lora(model.unet, config)
+        model.register_adapter(ADAPTER_NAME, adapter_info(config))
+        metrics = validate(model, val, config, None)
+        expected = TaskMetrics("depth")
+        prediction = model.predict(val.images, ADAPTER_NAME, steps=config.val_steps, processing_resolution=0,
+                                   prompt=val.captions if captions else None).raw
+        expected.update(prediction, val.raws)
+        assert metrics == expected.compute(), captions
+        conditioned[captions] = prediction
+    assert not torch.allclose(conditioned[False], conditioned[True])  # the prompts did reach the prompted one
+
+
+def test_no_flip_normals_keeps_flips_for_other_tasks_only(tiny_base, world, tmp_path, monkeypatch):
+    """--no-flip-normals (the paper's recipe for normals): the normal run draws no flip, a depth run still does."""
+    import training.trainer as trainer_module
+
+    plans = []
+
+    class RecordingPlan(trainer_module.SamplePlan):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            plans.append(self)
+
+    monkeypatch.setattr(trainer_module, "SamplePlan", RecordingPlan)
+    for task in ("normal", "depth"):
+        config = tiny_config(tiny_base, world, tmp_path / task, task=task, train_targets=str(world / task),
+                             flip_normals=False, max_steps=1, checkpoint_every=0, val_split=0)
+        train(config)
+    normal_plan, depth_plan = plans
+    assert not any(flip for step in range(4) for _, flip in normal_plan.batch(step))
+    assert any(flip for step in range(4) for _, flip in depth_plan.batch(step))

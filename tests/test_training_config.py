@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from training.cli import add_train_arguments, config_from_args
 from training.config import TrainConfig, config_differences, config_from_dict
-from training.metrics import (TaskMetrics, best_constant_depth, best_constant_depth_map,
-                              constant_depth_abs_rel)
+from dmp_model.adapters import ATTENTION_PROJECTIONS
+from training.metrics import (HIGHER_IS_BETTER, MAIN_METRIC, METRICS, TaskMetrics, best_constant_depth,
+                              best_constant_depth_map, constant_depth_abs_rel)
 from training.plot import plot_curves
 
 REQUIRED = dict(base="base", train_images="img", train_targets="tgt")
@@ -29,6 +31,7 @@ def test_defaults_follow_the_paper():
     assert (config.rank, config.learning_rate, config.batch_size, config.resolution) == (4, 1e-4, 8, 512)
     assert config.prediction_type == "v_prediction" and config.lr_scheduler == "cosine"
     assert config.target_modules == ("to_q", "to_k", "to_v", "to_out.0") and config.resolved_lora_alpha == 4
+    assert config.target_modules == tuple(ATTENTION_PROJECTIONS)  # the engine's list, not a copy
     assert config.resolved_target_scale == 8.0
     assert TrainConfig(**REQUIRED, task="normal").resolved_target_scale == 1.0
 
@@ -64,6 +67,23 @@ def test_flags_override_the_config_file(tmp_path):
     with pytest.raises(ValueError, match="unknown configuration key 'ranks'"):
         parse(["--config", str(tmp_path / "run.json")])
     assert parse([f"--{k.replace('_', '-')}={v}" for k, v in REQUIRED.items()] + ["--no-flip"]).flip is False
+
+
+def test_flips_per_task():
+    """--flip for all tasks; normals too (x negated) unless --no-flip-normals, the paper's recipe."""
+    assert TrainConfig(**REQUIRED, task="normal").flips
+    assert not TrainConfig(**REQUIRED, task="normal", flip_normals=False).flips
+    assert TrainConfig(**REQUIRED, task="depth", flip_normals=False).flips
+    assert not TrainConfig(**REQUIRED, task="depth", flip=False).flips
+    assert parse([f"--{k.replace('_', '-')}={v}" for k, v in REQUIRED.items()] + ["--no-flip-normals"]
+                 ).flip_normals is False
+
+
+def test_a_setting_added_later_counts_as_its_default_on_resume():
+    config = TrainConfig(**REQUIRED).resolved()
+    older = {k: v for k, v in config.to_dict().items() if k != "flip_normals"}  # saved before it existed
+    assert config_differences(older, config) == []
+    assert config_differences(older, replace(config, flip_normals=False)) == ["flip_normals: True -> False"]
 
 
 def test_config_round_trips_through_json_and_reports_differences():
@@ -106,6 +126,26 @@ def test_other_metrics():
     shading.update(torch.tensor([[0.0, 1.0]]), torch.tensor([[2.0, 4.0]]))  # truth min-max normalised
     assert shading.compute()["mse"] == pytest.approx(0.0)
     assert math.isnan(TaskMetrics("albedo").compute()["mse"])
+
+
+def test_main_metrics_and_their_direction():
+    """A perfect prediction must score better than a wrong one in each metric's stated direction
+    (mIoU, pixel accuracy and delta1 higher, errors lower)."""
+    truths = {"depth": torch.full((1, 4, 4), 2.0),
+              "normal": torch.nn.functional.normalize(torch.rand(1, 4, 4, 3) + 0.1, dim=-1),
+              "segmentation": torch.arange(16).view(1, 4, 4) % 3,
+              "albedo": torch.rand(1, 4, 4, 3), "shading": torch.rand(1, 4, 4), "rgb": torch.rand(1, 4, 4, 3)}
+    wrongs = {"depth": torch.full((1, 4, 4), 5.0), "normal": -truths["normal"],
+              "segmentation": (truths["segmentation"] + 1) % 3, "albedo": 1 - truths["albedo"],
+              "shading": 1 - truths["shading"], "rgb": 1 - truths["rgb"]}
+    assert set(MAIN_METRIC) == set(METRICS) and all(MAIN_METRIC[t] in METRICS[t] for t in METRICS)
+    for task, truth in truths.items():
+        perfect, wrong = TaskMetrics(task), TaskMetrics(task)
+        perfect.update(truth, truth)
+        wrong.update(wrongs[task], truth)
+        for name in METRICS[task]:
+            good, bad = perfect.compute()[name], wrong.compute()[name]
+            assert (good > bad) if name in HIGHER_IS_BETTER else (good < bad), (task, name, good, bad)
 
 
 def test_plot_is_a_png(tmp_path):

@@ -8,7 +8,11 @@ Layout under the run's output folder::
 A checkpoint folder is assembled under a hidden temporary name and renamed into place once its
 files are complete (a rename is atomic), and older checkpoints are deleted only after that, so a
 run killed at any moment leaves the previous checkpoints intact and no half-written file under a
-real name. Leftover temporary folders of a killed run are removed on the next start.
+real name. Writing a step that already has a checkpoint (a resumed run passing it again) never
+deletes the old folder first: it is renamed aside (``.old-*``), the new one renamed into place,
+and only then is the old one deleted. On the next start (``recover_interrupted``) an aside folder
+whose step has no checkpoint (the run was killed between the two renames) is put back, other
+aside folders and the temporary folders of a killed run are deleted.
 
 The dict (``state.pt``, read with ``torch.load(weights_only=True)``) holds: "step", "config" (the
 resolved TrainConfig as a dict), "world_size", "lora" (peft state dict of the trainable weights),
@@ -32,6 +36,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.pt"
 _NAME = re.compile(r"^step-(\d{8})$")
+_TEMP, _ASIDE = ".tmp-", ".old-"  # hidden prefixes: a checkpoint being written, one being replaced
 
 
 def checkpoint_name(step: int) -> str:
@@ -47,10 +52,25 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def remove_stale_temporaries(output_dir: str | os.PathLike) -> None:
-    """Delete temporary checkpoint folders left by a run that was killed while writing one."""
+def recover_interrupted(output_dir: str | os.PathLike) -> None:
+    """Clean up after a run killed while writing a checkpoint (call before listing checkpoints).
+
+    An aside folder (``.old-step-N-*``) whose step has no checkpoint is complete (it was published
+    before) and is renamed back; other aside folders and temporary folders (``.tmp-*``, possibly
+    half-written) are deleted.
+    """
     folder = Path(output_dir) / CHECKPOINT_DIR
-    for path in folder.glob(".tmp-*") if folder.is_dir() else []:
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob(_ASIDE + "*")):
+        final = folder / path.name[len(_ASIDE):].rsplit("-", 1)[0]
+        if _NAME.match(final.name) and not final.exists() and (path / STATE_FILE).is_file():
+            logger.warning("restoring checkpoint %s, moved aside by a run interrupted while replacing it",
+                           final.name)
+            os.rename(path, final)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    for path in folder.glob(_TEMP + "*"):
         logger.warning("removing incomplete checkpoint %s left by an interrupted run", path)
         shutil.rmtree(path, ignore_errors=True)
 
@@ -103,7 +123,8 @@ def save_checkpoint(output_dir: str | os.PathLike, state: dict, write_extra=None
     root = Path(output_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(state["step"])
-    temp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    suffix = uuid.uuid4().hex[:8]
+    temp, aside = root / f"{_TEMP}{final.name}-{suffix}", root / f"{_ASIDE}{final.name}-{suffix}"
     temp.mkdir()
     try:
         with open(temp / STATE_FILE, "wb") as f:
@@ -112,12 +133,15 @@ def save_checkpoint(output_dir: str | os.PathLike, state: dict, write_extra=None
             os.fsync(f.fileno())
         if write_extra is not None:
             write_extra(temp)
-        if final.exists():  # the same step written again (e.g. final checkpoint after a periodic one)
-            shutil.rmtree(final)
+        if final.exists():  # the same step written again (a resumed run passing it once more)
+            os.rename(final, aside)  # never delete before the new one is in place
         os.rename(temp, final)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
+        if aside.exists() and not final.exists():
+            os.rename(aside, final)
         raise
+    shutil.rmtree(aside, ignore_errors=True)
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -14,6 +14,7 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from dmp_model.adapters import ATTENTION_PROJECTIONS
 from dmp_model.controlnet import NORMAL_CONVENTIONS
 from dmp_model.palettes import PALETTES
 from dmp_model.sampling import PREDICTION_TYPES
@@ -23,7 +24,8 @@ CROP_MODES = ("center", "stretch")
 LR_SCHEDULERS = ("cosine", "constant", "constant_with_warmup", "linear", "cosine_with_restarts", "polynomial")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LORA_INITS = ("gaussian", "default")
-ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+# The projections LoRA can adapt: the engine's list (DMP adapts all four of every attention layer).
+TARGET_MODULES = tuple(ATTENTION_PROJECTIONS)
 # Fields whose value is a filesystem path: made absolute when a configuration is resolved.
 PATH_FIELDS = ("base", "train_images", "train_targets", "val_images", "val_targets", "output_dir",
                "tokenizer")
@@ -50,7 +52,12 @@ class TrainConfig:
     resolution: int = _option(512, "training side length in pixels, a multiple of 8 (the paper: 512)")
     crop: str = _option("center", "'center': shorter side to --resolution, then a centre crop; "
                         "'stretch': resize to a square, ignoring the aspect ratio", choices=CROP_MODES)
-    flip: bool = _option(True, "random horizontal flips (normals: with their x component negated)")
+    flip: bool = _option(True, "random horizontal flips of image and target. The paper flips every task but "
+                         "normals; here normals are flipped too, with their x component negated, which is "
+                         "geometrically equivalent (see --flip-normals); --no-flip (or --no-flip-normals) "
+                         "reproduces the paper's recipe for normals")
+    flip_normals: bool = _option(True, "with --flip and --task normal: flip normals too (x negated). The paper "
+                                 "does not flip normals; --no-flip-normals reproduces its recipe")
     captions: bool = _option(False, "condition on captions (a prompted adapter) instead of the empty prompt")
     tokenizer: str | None = _option(None, "CLIP tokenizer folder (captions with a single-file base)")
     depth_png_scale: float | None = _option(None, "metres per unit of 16-bit depth PNGs without DMP "
@@ -71,8 +78,8 @@ class TrainConfig:
     rank: int = _option(4, "LoRA rank (DMP: 4)")
     lora_alpha: float | None = _option(None, "LoRA alpha (default: the rank; update up @ down, as DMP)")
     self_attn_only: bool = _option(False, "adapt only the self-attention layers (attn1)")
-    target_modules: tuple[str, ...] = _option(ATTENTION_PROJECTIONS, "attention projections to adapt",
-                                              choices=ATTENTION_PROJECTIONS)
+    target_modules: tuple[str, ...] = _option(TARGET_MODULES, "attention projections to adapt",
+                                              choices=TARGET_MODULES)
     lora_init: str = _option("gaussian", "initialisation of the LoRA down weights (up weights start at 0)",
                              choices=LORA_INITS)
     prediction_type: str = _option("v_prediction", "what the UNet regresses (DMP: v_prediction)",
@@ -112,6 +119,11 @@ class TrainConfig:
         if self.target_scale is not None:
             return float(self.target_scale)
         return 8.0 if self.task == "depth" else 1.0
+
+    @property
+    def flips(self) -> bool:
+        """Whether training samples are randomly flipped (``flip``; for normals also ``flip_normals``)."""
+        return self.flip and (self.task != "normal" or self.flip_normals)
 
     @property
     def resolved_lora_alpha(self) -> float:
@@ -167,7 +179,7 @@ def _check_config(config: TrainConfig) -> None:
         if not 0 <= getattr(config, name) < 1:
             raise ValueError(f"{name} must be in [0, 1), got {getattr(config, name)!r}")
     if not config.target_modules:
-        raise ValueError(f"target_modules must name at least one of {ATTENTION_PROJECTIONS}")
+        raise ValueError(f"target_modules must name at least one of {TARGET_MODULES}")
     if (config.val_images is None) != (config.val_targets is None):
         raise ValueError("give both val_images and val_targets, or neither (--val-split pairs are held out); "
                          f"got val_images={config.val_images!r}, val_targets={config.val_targets!r}")
@@ -238,8 +250,15 @@ def read_config_file(path: str | os.PathLike) -> dict:
 
 
 def config_differences(saved: dict, current: TrainConfig) -> list[str]:
-    """'field: saved -> current' for every field that differs from a checkpoint's configuration."""
+    """'field: saved -> current' for every field that differs from a checkpoint's configuration.
+
+    A field missing from `saved` (added to TrainConfig after that run started) counts as its default:
+    older runs behaved as the default does, so they still resume while the value is left at it.
+    """
     now = current.to_dict()
+    defaults = {spec.name: spec.default for spec in fields(TrainConfig) if spec.default is not MISSING}
+    saved = {**{k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items() if k not in saved},
+             **saved}
     names = sorted(set(saved) | set(now))
     return [f"{name}: {saved.get(name, '<absent>')!r} -> {now.get(name, '<absent>')!r}"
             for name in names if saved.get(name, MISSING) != now.get(name, MISSING)]

@@ -15,7 +15,14 @@ Images and image-like targets (albedo, shading, rgb) are resized bicubically wit
 depth, normals and class ids by nearest neighbour, so no pixel mixes two surfaces.
 
 Flips: a horizontal flip mirrors image and target; for normals the x component (image-horizontal
-in every supported convention) is negated, so a flipped normal map stays a true one.
+in every supported convention) is negated, so a flipped normal map stays a true one. The paper
+does not flip normals; flipping with x negated is geometrically equivalent, and ``flip_normals=False``
+(or ``flip=False``) reproduces the paper's recipe for normals.
+
+Depth targets are clamped to [0, target_scale] before encoding (``encode_raw_target``): a
+deliberate deviation from the reference, which encodes depth / target_scale unclamped, so that
+pixels farther than target_scale (8 m for DMP) give a white target inside the VAE's [-1, 1]
+instead of values beyond it; a prediction saturates at target_scale either way.
 """
 
 from __future__ import annotations
@@ -244,8 +251,15 @@ def _read_image_pixels(path: Path) -> tuple[np.ndarray, str]:
         return pil_to_tensor(image).permute(1, 2, 0).numpy(), mode
 
 
-def _read_normals(path: Path, config: TrainConfig) -> torch.Tensor:
-    """Unit normals [H, W, 3] in the adapter's convention (invalid zero vectors stay zero)."""
+def read_normals(path: str | os.PathLike, convention: str, adapter_convention: str) -> torch.Tensor:
+    """A normal file as unit normals [H, W, 3] (invalid zero vectors stay zero).
+
+    Args:
+        path: RGB image ((n + 1) / 2) or float [H, W, 3] .npy/.npz/.exr vectors.
+        convention: the camera frame of the file, one of dmp_model.controlnet.NORMAL_CONVENTIONS.
+        adapter_convention: the frame to return them in (the adapter's, DMP: "omnidata").
+    """
+    path = Path(path)
     if path.suffix.lower() in ARRAY_EXTENSIONS:
         array = _read_array(path)
         if not np.issubdtype(array.dtype, np.floating) or array.ndim != 3 or array.shape[-1] != 3:
@@ -258,7 +272,7 @@ def _read_normals(path: Path, config: TrainConfig) -> torch.Tensor:
         if pixels.shape[-1] != 3:
             raise TargetKindError(f"{path}: a mode {mode!r} image is not a normal map; expected RGB")
         normals = rgb_to_normals(torch.from_numpy(pixels).float()[None])[0]
-    return convert_normals(normals[None], config.normal_convention, config.adapter_normal_convention)[0]
+    return convert_normals(normals[None], convention, adapter_convention)[0]
 
 
 def _read_segmentation(path: Path, config: TrainConfig) -> torch.Tensor:
@@ -317,7 +331,7 @@ def read_target(path: str | os.PathLike, task: str, config: TrainConfig) -> torc
     if task == "depth":
         return _read_depth(path, config)
     if task == "normal":
-        return _read_normals(path, config)
+        return read_normals(path, config.normal_convention, config.adapter_normal_convention)
     if task == "segmentation":
         return _read_segmentation(path, config)
     return _read_image_target(path, grey=task == "shading")
@@ -373,11 +387,20 @@ def adapter_info(config: TrainConfig, steps_trained: int | None = None) -> Adapt
                        self_attn_only=config.self_attn_only, steps_trained=steps_trained)
 
 
+def encode_raw_target(raw: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
+    """Raw targets [B, H, W(, C)] -> target images [B, 3, H, W] in [-1, 1] through info.task's codec.
+
+    Depth is clamped to [0, info.target_scale] first: a deliberate deviation from the reference,
+    which does not clamp (see the module docstring).
+    """
+    if info.task == "depth":
+        raw = raw.clamp(0, info.target_scale)
+    return get_codec(info.task).encode_target(raw, info)
+
+
 def encode_target(raw: torch.Tensor, config: TrainConfig) -> torch.Tensor:
-    """Raw target [H, W(, C)] -> target image [3, H, W] in [-1, 1] through the task's codec."""
-    if config.task == "depth":
-        raw = raw.clamp(0, config.resolved_target_scale)
-    return get_codec(config.task).encode_target(raw[None], adapter_info(config))[0]
+    """Raw target [H, W(, C)] -> target image [3, H, W] in [-1, 1] (``encode_raw_target``)."""
+    return encode_raw_target(raw[None], adapter_info(config))[0]
 
 
 # Checking pairs and the dataset ---------------------------------------------------------------

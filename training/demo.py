@@ -39,12 +39,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dmp_model.adapters import AdapterInfo
 from dmp_model.writers import atomic_path, write_png8
 
 from .config import TrainConfig
+from .data import encode_raw_target, read_normals
 from .metrics import TaskMetrics, best_constant_depth_map, constant_depth_abs_rel
 from .trainer import train
-from .world import write_dataset
+from .world import NORMAL_CONVENTION, write_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class DemoSettings:
 
     seed: int = 0
     size: int = 64  # image side; latents are size / 8
+    target_scale: float = 8.0  # depth: metres encoded as white (DMP: 8); the world's depths stay below it
     train_scenes: int = 256
     val_scenes: int = 32
     vae_width: int = 16
@@ -77,17 +80,23 @@ class DemoSettings:
 
 # The prior ----------------------------------------------------------------------------------------
 
-def load_pixels(folder: Path, names: list[str]) -> torch.Tensor:
-    """World images, depth and normal maps of `folder` as VAE pixels [N, 3, H, W] in [-1, 1]."""
+def load_pixels(folder: Path, names: list[str], target_scale: float) -> tuple[torch.Tensor, ...]:
+    """World images, depth and normal maps of `folder` as VAE pixels [N, 3, H, W] in [-1, 1].
+
+    Targets are encoded exactly as the trainer encodes them (``data.encode_raw_target``, the task
+    codecs; depth with `target_scale` metres as white), so the VAE learns the images it will carry.
+    """
     from dmp_model.imageproc import load_image
 
+    depth_info = AdapterInfo(task="depth", target_scale=target_scale)
+    normal_info = AdapterInfo(task="normal", normal_convention=NORMAL_CONVENTION)
     images, depths, normals = [], [], []
     for name in names:
         images.append(load_image(folder / "images" / f"{name}.png") * 2 - 1)
-        depth = torch.from_numpy(np.load(folder / "depth" / f"{name}.npy"))
-        depths.append((depth / 8 * 2 - 1).expand(3, -1, -1))
-        normals.append(load_image(folder / "normal" / f"{name}.png") * 2 - 1)
-    return torch.stack(images), torch.stack(depths), torch.stack(normals)
+        depths.append(torch.from_numpy(np.load(folder / "depth" / f"{name}.npy")))
+        normals.append(read_normals(folder / "normal" / f"{name}.png", NORMAL_CONVENTION, NORMAL_CONVENTION))
+    return (torch.stack(images), encode_raw_target(torch.stack(depths), depth_info),
+            encode_raw_target(torch.stack(normals), normal_info))
 
 
 def pretrain_vae(vae, pixels: torch.Tensor, steps: int, batch: int, lr: float, seed: int) -> float:
@@ -139,7 +148,7 @@ def build_world_base(folder: Path, world: Path, names: list[str], settings: Demo
     unet, vae, text_encoder = build_tiny_components(settings.seed, unet_width=settings.unet_width,
                                                     vae_width=settings.vae_width,
                                                     text_width=settings.unet_width)
-    images, depths, normals = load_pixels(world, names)
+    images, depths, normals = load_pixels(world, names, settings.target_scale)
     started = time.perf_counter()
     threads = torch.get_num_threads()
     if settings.vae_threads:
@@ -165,6 +174,8 @@ def adapter_config(out: Path, task: str, steps: int, settings: DemoSettings) -> 
         train_targets=str(world / "train" / task), val_images=str(world / "val" / "images"),
         val_targets=str(world / "val" / task), task=task, output_dir=str(out / task),
         resolution=settings.size, rank=settings.rank, prediction_type=settings.prediction_type,
+        target_scale=settings.target_scale if task == "depth" else None,
+        normal_convention=NORMAL_CONVENTION, adapter_normal_convention=NORMAL_CONVENTION,
         learning_rate=settings.learning_rate, lr_scheduler="cosine", warmup_steps=min(20, steps),
         max_steps=steps, batch_size=settings.batch_size, cache_latents=True, checkpoint_every=0,
         keep_checkpoints=1, val_every=max(steps // 2, 1), val_limit=settings.val_scenes, val_previews=6,
@@ -213,15 +224,15 @@ def train_adapters(out: Path, settings: DemoSettings) -> dict[str, float]:
 
 
 def write_results_sheet(path: Path, images, depth_pred, depth_true, normal_pred, normal_true,
-                        rows: int = 8) -> Path:
+                        target_scale: float, rows: int = 8) -> Path:
     """Rows of input | depth prediction | depth truth | normal prediction | normal truth.
 
-    Depth is grey on one fixed scale for prediction and truth (white 0 m, black 8 m).
+    Depth is grey on one fixed scale for prediction and truth (white 0 m, black `target_scale` m).
     """
     from dmp_model.controlnet import normals_to_rgb
 
     def grey(depth):
-        return (1 - depth / 8).clamp(0, 1).unsqueeze(-1).expand(-1, -1, 3)
+        return (1 - depth / target_scale).clamp(0, 1).unsqueeze(-1).expand(-1, -1, 3)
 
     strips = []
     for i in range(min(rows, len(images))):
@@ -244,35 +255,35 @@ def baselines(depth_true: torch.Tensor, train_depths: torch.Tensor, normal_true:
             "normal": {"mean_normal_angular_error_deg": mean_normal.compute()["angular_error_deg"]}}
 
 
-def evaluate(out: Path, val_names: list[str]) -> dict:
+def evaluate(out: Path, val_names: list[str], settings: DemoSettings) -> dict:
     """Predict the held-out scenes with the engine and both adapters; metrics and the results sheet.
 
     Two sampler settings are reported: DMP's default (5 steps, "leading" spacing) and a single step
     with "trailing" spacing (t = 999), the setting single-step predictors use. The results sheet and
-    the pass criterion use DMP's default.
+    the pass criterion use DMP's default. The adapters' facts (target scale, normal convention,
+    prompts) come from their files' metadata, as for any user; the truth normals are read from the
+    world's convention into the normal adapter's.
     """
     from dmp_model import DMPModel
     from dmp_model.imageproc import load_image
-
-    from .data import read_target
 
     world = out / "world"
     model = DMPModel.from_pretrained(out / "base", device="cpu", precision="fp32")
     for task in ("depth", "normal"):
         model.load_adapter(out / task)  # named after its folder: "depth", "normal"
     images = torch.stack([load_image(world / "val" / "images" / f"{n}.png") for n in val_names])
-    config = adapter_config(out, "normal", 1, DemoSettings())
+    normal_convention = model.adapters["normal"].normal_convention
     truth = {"depth": torch.stack([torch.from_numpy(np.load(world / "val" / "depth" / f"{n}.npy"))
                                    for n in val_names]),
-             "normal": torch.stack([read_target(world / "val" / "normal" / f"{n}.png", "normal", config)
-                                    for n in val_names])}
+             "normal": torch.stack([read_normals(world / "val" / "normal" / f"{n}.png", NORMAL_CONVENTION,
+                                                 normal_convention) for n in val_names])}
     depth_files = sorted((world / "train" / "depth").glob("*.npy"))
     train_depths = torch.stack([torch.from_numpy(np.load(f)) for f in depth_files])
     summary = {"held_out_scenes": len(val_names), **baselines(truth["depth"], train_depths, truth["normal"])}
     samplers = {"dmp_default": {}, "one_step_trailing": {"steps": 1, "spacing": "trailing"}}
     for sampler, options in samplers.items():
         results = model.predict_tasks(images, ["depth", "normal"], processing_resolution=0, batch_size=16,
-                                      **options)
+                                      **options)  # both -notext: the empty prompt, no guidance
         for task in ("depth", "normal"):
             metrics = TaskMetrics(task)
             metrics.update(results[task].raw, truth[task])
@@ -282,7 +293,7 @@ def evaluate(out: Path, val_names: list[str]) -> dict:
         depth[sampler]["improvement_over_constant"] = gain
         if sampler == "dmp_default":
             write_results_sheet(out / "results.png", images, results["depth"].raw, truth["depth"],
-                                results["normal"].raw, truth["normal"])
+                                results["normal"].raw, truth["normal"], settings.target_scale)
     return summary
 
 
@@ -330,7 +341,7 @@ def run_demo(output: str | os.PathLike = "demo_output", settings: DemoSettings |
 
     # 4. Held-out prediction with the engine, metrics, sheet.
     mark = time.perf_counter()
-    summary = evaluate(out, val_names)
+    summary = evaluate(out, val_names, settings)
     timings["evaluate_s"] = time.perf_counter() - mark
     timings["total_s"] = time.perf_counter() - started
     summary.update(prior=prior, timings=timings, settings=asdict(settings))

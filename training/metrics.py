@@ -23,9 +23,11 @@ from dmp_model.palettes import NUM_CLASSES
 
 METRICS = {"depth": ("abs_rel", "delta1"), "normal": ("angular_error_deg",),
            "segmentation": ("miou", "pixel_acc"), "albedo": ("mse",), "shading": ("mse",), "rgb": ("mse",)}
-# The metric that says "better" when lower (plots and the demo's summary use it).
+# The headline metric of each task (the curves plot draws it). Most are errors (lower is better);
+# mIoU, pixel accuracy and delta1 are scores (higher is better): see HIGHER_IS_BETTER.
 MAIN_METRIC = {"depth": "abs_rel", "normal": "angular_error_deg", "segmentation": "miou",
                "albedo": "mse", "shading": "mse", "rgb": "mse"}
+HIGHER_IS_BETTER = frozenset({"delta1", "miou", "pixel_acc"})
 
 
 def _minmax(values: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,7 @@ from . import checkpoints as ckpt
 from .config import TrainConfig, config_differences
 from .data import (DataError, PairDataset, PlanSampler, SamplePlan, adapter_info, check_pairs, collate,
                    find_pairs, mix_seed)
-from .metrics import MAIN_METRIC, TaskMetrics
+from .metrics import HIGHER_IS_BETTER, MAIN_METRIC, TaskMetrics
 from .plot import moving_average, plot_curves
 
 logger = logging.getLogger(__name__)
@@ -186,13 +186,19 @@ def load_validation(dataset: PairDataset, limit: int) -> ValidationSet:
 @torch.no_grad()
 def validate(model: DMPModel, val: ValidationSet, config: TrainConfig, preview_path: Path | None,
              batch_size: int = 8) -> dict[str, float]:
-    """Predict the validation images with the real sampler (``DMPModel.predict``); metrics + preview grid."""
+    """Predict the validation images with the real sampler (``DMPModel.predict``); metrics + preview grid.
+
+    Conditioning follows the engine's rule for the registered adapter: a prompted adapter
+    (``uses_prompts``, trained with --captions) gets each image's caption with classifier-free
+    guidance, a -notext adapter the empty prompt, exactly as ``dmp predict`` would run them.
+    """
     metrics = TaskMetrics(config.task)
     visuals = []
     model.unet.eval()
+    prompted = model.adapters[ADAPTER_NAME].uses_prompts
     for start in range(0, len(val.images), batch_size):
         images = val.images[start:start + batch_size]
-        prompt = val.captions[start:start + batch_size] if config.captions else None
+        prompt = val.captions[start:start + batch_size] if prompted else None
         prediction = model.predict(images, ADAPTER_NAME, steps=config.val_steps, processing_resolution=0,
                                    batch_size=batch_size, prompt=prompt)
         metrics.update(prediction.raw, val.raws[start:start + batch_size])
@@ -240,6 +246,9 @@ def train(config: TrainConfig, resume: str | os.PathLike | None = None, stop_aft
         raise ValueError("mixed_precision='fp16' needs a GPU; use 'bf16' or 'no' on the CPU")
     main = accelerator.is_main_process
     out = Path(config.output_dir)
+    if main:  # a run killed while writing a checkpoint: restore or delete its hidden folders first
+        ckpt.recover_interrupted(out)
+    accelerator.wait_for_everyone()
     state = _resume_state(out, config, resume, accelerator.num_processes)
     start_step = state["step"] if state else 0
     if stop_after is not None and not start_step < stop_after <= config.max_steps:
@@ -280,7 +289,7 @@ def train(config: TrainConfig, resume: str | os.PathLike | None = None, stop_aft
 
     # 5. Sample order, latents, outputs.
     plan = SamplePlan(len(train_set), config.seed, config.batch_size, config.grad_accum,
-                      accelerator.num_processes, accelerator.process_index, config.flip)
+                      accelerator.num_processes, accelerator.process_index, config.flips)
     source = _latent_source(config, train_set, plan, vae, start_step, stop)
     val = load_validation(val_set, config.val_limit)
     if main:
@@ -410,7 +419,7 @@ def _check_same_config(saved: dict, config: TrainConfig, where: Path) -> None:
 def _latent_source(config: TrainConfig, dataset: PairDataset, plan: SamplePlan, vae, start: int, stop: int):
     """Yields (x_mean, x_std, y_mean, y_std, captions) per micro-batch, in plan order from `start`."""
     if config.cache_latents:
-        cache = LatentCache(dataset, vae, config.flip)
+        cache = LatentCache(dataset, vae, config.flips)
         for step in range(start, stop):
             for micro in range(config.grad_accum):
                 items = plan.batch(step, micro)
@@ -425,7 +434,6 @@ def _latent_source(config: TrainConfig, dataset: PairDataset, plan: SamplePlan, 
 def _prepare_output(out: Path, config: TrainConfig, start_step: int) -> None:
     """config.json, and on resume a log cut back to the checkpoint (a killed run may have logged more)."""
     out.mkdir(parents=True, exist_ok=True)
-    ckpt.remove_stale_temporaries(out)
     with atomic_path(out / CONFIG_FILE) as temp:
         temp.write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
     log_path = out / LOG_FILE
@@ -495,5 +503,6 @@ def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike, task: str
     metric = MAIN_METRIC[task]
     values = [(r["step"], r["val"].get(metric, math.nan)) for r in records if "val" in r]
     panels = [("training loss", {"loss": losses, "moving average": moving_average(losses)}, True),
-              (f"validation {metric}", {metric: values}, False)]
+              (f"validation {metric} ({'higher' if metric in HIGHER_IS_BETTER else 'lower'} is better)",
+               {metric: values}, False)]
     return plot_curves(png_path, panels)

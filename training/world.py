@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 # ADE20K class ids (0-based, as the DMP palette) of what the world contains.
 WORLD_CLASSES = {"wall": 0, "floor": 3, "ceiling": 5, "bed": 7, "cabinet": 10, "table": 15,
                  "painting": 22, "box": 41, "ball": 119}
+# The camera frame of the normals written by ``write_dataset`` (one of dmp_model's NORMAL_CONVENTIONS).
+NORMAL_CONVENTION = "omnidata"
 # Folder names of the targets written by ``write_dataset`` (the input images go to "images").
 TARGET_FOLDERS = ("depth", "normal", "segmentation", "albedo", "shading")
 _BOX_KINDS = (("cabinet", (0.5, 1.1), (0.6, 1.4), (0.4, 0.6)),  # name, width, height, depth ranges (m)
