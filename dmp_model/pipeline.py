@@ -107,7 +107,7 @@ class DMPModel:
             return info
         tensors, metadata, file = adapter_files.read_adapter(file)
         peft_tensors = adapter_files.to_peft_state_dict(tensors, self.unet.config, adapter_files.peft_alpha(metadata))
-        info = adapter_files.resolve_info(natural_name, metadata, peft_tensors, overrides)
+        info = adapter_files.resolve_info(natural_name, metadata, tensors, overrides)
         adapter_files.check_adapter_fits(peft_tensors, self.unet)  # before an adapter it replaces is dropped
         peft_tensors = {k: v.to(self.device, self.dtype) for k, v in peft_tensors.items()}
         if loaded is not None:

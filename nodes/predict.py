@@ -1,14 +1,17 @@
-"""Prediction nodes: one task, or every task of a DMP_MODEL from one VAE encode."""
+"""Prediction nodes: one task, or every task of a DMP_MODEL from one VAE encode, on ComfyUI's models."""
 
 from __future__ import annotations
 
 import torch
 
-from ..dmp_model import SAMPLERS, SPACINGS, PredictOptions
+from ..dmp_model.prediction import DEFAULT_GUIDANCE, PredictOptions, predict_images
+from ..dmp_model.sampling import SAMPLERS, SPACINGS
 from . import comfy_bridge as bridge
+from .adapters import TASK_CHOICES, LoadedAdapter
 from .common import CATEGORY, image_out, images_in, prompt_inputs
-from .models import TASK_CHOICES
+from .native import ComfyBackend
 
+DEFAULTS = PredictOptions()  # the widgets' defaults are the engine's
 # The tasks with an output of their own on DMP Predict Tasks, in output order.
 OUTPUT_TASKS = ("depth", "normal", "segmentation", "albedo", "shading")
 
@@ -32,20 +35,31 @@ _TIPS = {
                     "text); like the text, only adapters trained with captions use it.",
     "guidance_scale": "Classifier-free guidance with a prompt (DMP: 2); 1 = no guidance. Ignored "
                       "without a prompt and by '-notext' adapters.",
-    "task": "Which adapter of the DMP model runs: the first one of this task; auto = the loader's first "
-            "adapter.",
+    "task": "Which adapter of the DMP model runs: the first one of this task; auto = the first adapter "
+            "loaded.",
+    "vae": "The SD 1.x VAE (e.g. of the same Load Checkpoint as the MODEL).",
+    "clip": "The SD 1.x CLIP (e.g. of the same Load Checkpoint): DMP conditions on the empty prompt's "
+            "embedding, and prompted adapters on the prompt's.",
 }
+
+
+def _model_inputs(tooltip: str) -> dict:
+    return {
+        "dmp_model": ("DMP_MODEL", {"tooltip": tooltip}),
+        "vae": ("VAE", {"tooltip": _TIPS["vae"]}),
+        "clip": ("CLIP", {"tooltip": _TIPS["clip"]}),
+    }
 
 
 def _settings_inputs() -> dict:
     """Sampler and processing widgets shared by both prediction nodes."""
     return {
-        "steps": ("INT", {"default": 5, "min": 1, "max": MAX_STEPS, "tooltip": _TIPS["steps"]}),
-        "sampler": (list(SAMPLERS), {"default": "ddim", "tooltip": _TIPS["sampler"]}),
-        "spacing": (list(SPACINGS), {"default": "leading", "tooltip": _TIPS["spacing"]}),
-        "processing_resolution": ("INT", {"default": 512, "min": 0, "max": 4096, "step": 8,
-                                          "tooltip": _TIPS["processing_resolution"]}),
-        "batch_size": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": _TIPS["batch_size"]}),
+        "steps": ("INT", {"default": DEFAULTS.steps, "min": 1, "max": MAX_STEPS, "tooltip": _TIPS["steps"]}),
+        "sampler": (list(SAMPLERS), {"default": DEFAULTS.sampler, "tooltip": _TIPS["sampler"]}),
+        "spacing": (list(SPACINGS), {"default": DEFAULTS.spacing, "tooltip": _TIPS["spacing"]}),
+        "processing_resolution": ("INT", {"default": DEFAULTS.processing_resolution, "min": 0, "max": 4096,
+                                          "step": 8, "tooltip": _TIPS["processing_resolution"]}),
+        "batch_size": ("INT", {"default": DEFAULTS.batch_size, "min": 1, "max": 64, "tooltip": _TIPS["batch_size"]}),
     }
 
 
@@ -53,7 +67,7 @@ def _prompt_inputs() -> dict:
     return {
         "prompt": ("STRING", {"default": "", "multiline": True, "tooltip": _TIPS["prompt"]}),
         "conditioning": ("CONDITIONING", {"tooltip": _TIPS["conditioning"]}),
-        "guidance_scale": ("FLOAT", {"default": 2.0, "min": 1.0, "max": 20.0, "step": 0.1,
+        "guidance_scale": ("FLOAT", {"default": DEFAULT_GUIDANCE, "min": 1.0, "max": 20.0, "step": 0.1,
                                      "tooltip": _TIPS["guidance_scale"]}),
     }
 
@@ -63,6 +77,18 @@ def _options(steps, sampler, spacing, processing_resolution, batch_size, guidanc
                           processing_resolution=processing_resolution, guidance_scale=float(guidance_scale))
 
 
+def run(dmp_model, vae, clip, image, adapters: list[LoadedAdapter], options: PredictOptions, prompt,
+        conditioning) -> dict:
+    """{name: Prediction} of `adapters` on ComfyUI's models, with its progress bar and Cancel."""
+    text, embeds = prompt_inputs(prompt, conditioning)
+    backend = ComfyBackend(dmp_model, vae, clip)
+    try:
+        return predict_images(backend, images_in(image), {a.name: a.info for a in adapters}, options,
+                              prompt=text, prompt_embeds=embeds, callback=bridge.Progress())
+    finally:
+        bridge.soft_empty_cache()
+
+
 class DMPPredict:
     """DMP Predict: one task for a batch of images."""
 
@@ -70,7 +96,7 @@ class DMPPredict:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "dmp_model": ("DMP_MODEL", {"tooltip": "From Load DMP Model."}),
+                **_model_inputs("From Load DMP Adapter."),
                 "image": ("IMAGE", {"tooltip": "Images to predict for (a batch of one size), from any "
                                                "source, e.g. an SDXL or Flux generation."}),
                 "task": (list(TASK_CHOICES), {"default": "auto", "tooltip": _TIPS["task"]}),
@@ -93,14 +119,11 @@ class DMPPredict:
                    "ADE20K segmentation, albedo or shading. Deterministic; the progress bar advances per "
                    "sampler step.")
 
-    def predict(self, dmp_model, image, task, steps, sampler, spacing, processing_resolution, batch_size=4,
-                prompt="", conditioning=None, guidance_scale=2.0):
-        name = dmp_model.adapter_for(task)
+    def predict(self, dmp_model, vae, clip, image, task, steps, sampler, spacing, processing_resolution,
+                batch_size=DEFAULTS.batch_size, prompt="", conditioning=None, guidance_scale=DEFAULT_GUIDANCE):
+        adapter = dmp_model.adapter_for(task)
         options = _options(steps, sampler, spacing, processing_resolution, batch_size, guidance_scale)
-        text, embeds = prompt_inputs(prompt, conditioning)
-        with bridge.on_device(dmp_model.model, dmp_model.base.patcher):
-            result = dmp_model.model.predict(images_in(image), name, options, prompt=text,
-                                             prompt_embeds=embeds, callback=bridge.Progress())
+        result = run(dmp_model, vae, clip, image, [adapter], options, prompt, conditioning)[adapter.name]
         return (image_out(result.visual), result)
 
 
@@ -111,7 +134,7 @@ class DMPPredictTasks:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "dmp_model": ("DMP_MODEL", {"tooltip": "From Load DMP Model, with an adapter per task."}),
+                **_model_inputs("From Load DMP Adapter (chained), with an adapter per task."),
                 "image": ("IMAGE", {"tooltip": "Images to predict for (a batch of one size)."}),
                 **_settings_inputs(),
             },
@@ -130,20 +153,17 @@ class DMPPredictTasks:
     DESCRIPTION = ("Runs every task adapter of the DMP model on the same images, encoding them only once: "
                    "one prediction output per task (the first adapter of each task is used).")
 
-    def predict(self, dmp_model, image, steps, sampler, spacing, processing_resolution, batch_size=4,
-                prompt="", conditioning=None, guidance_scale=2.0):
-        names = {task: dmp_model.find(task) for task in OUTPUT_TASKS}
-        wanted = [name for name in names.values() if name is not None]
+    def predict(self, dmp_model, vae, clip, image, steps, sampler, spacing, processing_resolution,
+                batch_size=DEFAULTS.batch_size, prompt="", conditioning=None, guidance_scale=DEFAULT_GUIDANCE):
+        found = {task: dmp_model.find(task) for task in OUTPUT_TASKS}
+        wanted = [adapter for adapter in found.values() if adapter is not None]
         if not wanted:
             raise ValueError(f"the DMP model has no adapter for any of {OUTPUT_TASKS} (it has: "
-                             f"{dmp_model.describe()}); add them in Load DMP Model")
+                             f"{dmp_model.describe()}); add them with Load DMP Adapter")
         options = _options(steps, sampler, spacing, processing_resolution, batch_size, guidance_scale)
-        text, embeds = prompt_inputs(prompt, conditioning)
-        with bridge.on_device(dmp_model.model, dmp_model.base.patcher):
-            results = dmp_model.model.predict_tasks(images_in(image), wanted, options, prompt=text,
-                                                    prompt_embeds=embeds, callback=bridge.Progress())
-        outputs = tuple(results[name] if name is not None else bridge.blocked(
+        results = run(dmp_model, vae, clip, image, wanted, options, prompt, conditioning)
+        outputs = tuple(results[adapter.name] if adapter is not None else bridge.blocked(
             f"DMP Predict Tasks has no {task} prediction: the DMP model has no {task} adapter "
-            f"(it has: {dmp_model.describe()}); add one in Load DMP Model") for task, name in names.items())
-        previews = image_out(torch.cat([results[name].visual for name in wanted]))
+            f"(it has: {dmp_model.describe()}); add one with Load DMP Adapter") for task, adapter in found.items())
+        previews = image_out(torch.cat([results[adapter.name].visual for adapter in wanted]))
         return (*outputs, previews)

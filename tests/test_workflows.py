@@ -87,8 +87,49 @@ def test_the_issue_layouts(setup):
     assert {"KSampler", "DMPPredict", "ControlNetApplyAdvanced", "ControlNetLoader"} <= kinds[1]
     assert {"DMPPredictTasks", "DMPIntrinsics", "DMPSegmentation", "DMPDepthColorize"} <= kinds[2]
     assert {"DMPSegmentation", "SetLatentNoiseMask", "KSampler"} <= kinds[3]
-    loader = next(e for e in to_api(_load(WORKFLOWS[2]), info).values() if e["class_type"] == "DMPLoader")
-    assert len({v for k, v in loader["inputs"].items() if k.startswith("adapter")}) == 5
+    adapters = [e for e in to_api(_load(WORKFLOWS[2]), info).values() if e["class_type"] == "DMPLoadAdapter"]
+    assert len({e["inputs"]["adapter"] for e in adapters}) == 5
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_one_checkpoint_loader_feeds_dmp_and_everything_else(setup, path):
+    """DMP runs on core's MODEL, VAE and CLIP: the base is loaded once, by core's loader."""
+    info, _files, _pack = setup
+    prompt = to_api(_load(path), info)
+    (loader,) = [k for k, e in prompt.items() if e["class_type"] == "CheckpointLoaderSimple"]
+    for entry in prompt.values():
+        for name, value in entry["inputs"].items():
+            if name in ("model", "vae", "clip") and isinstance(value, list):
+                assert value[0] == loader, f"{entry['class_type']}.{name} is not fed by the checkpoint loader"
+    for entry in prompt.values():
+        if entry["class_type"] in ("DMPPredict", "DMPPredictTasks"):
+            assert {entry["inputs"]["vae"][0], entry["inputs"]["clip"][0]} == {loader}
+
+
+def test_workflow_1_keeps_the_default_settings_and_saves_raw_depth_as_npy(setup):
+    info, _files, pack = setup
+    prompt = to_api(_load(WORKFLOWS[0]), info)
+    defaults = pack.dmp_model.PredictOptions()
+    for entry in (e for e in prompt.values() if e["class_type"] == "DMPPredict"):
+        inputs = entry["inputs"]
+        assert (inputs["steps"], inputs["sampler"], inputs["spacing"], inputs["processing_resolution"]) == (
+            defaults.steps, defaults.sampler, defaults.spacing, defaults.processing_resolution)
+    saves = [e["inputs"] for e in prompt.values() if e["class_type"] == "DMPSave"]
+    assert {s["format"] for s in saves} == {"png", "npy"}
+    assert all(prompt[s["prediction"][0]]["inputs"]["task"] == "depth" for s in saves)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_loaders_offer_the_public_models_for_download(path):
+    for node in _load(path)["nodes"]:
+        if node["type"] in ("CheckpointLoaderSimple", "ControlNetLoader"):
+            (model,) = node["properties"]["models"]
+            assert model["name"] == node["widgets_values"][0]
+            assert model["url"].startswith("https://huggingface.co/") and model["name"] in model["url"]
+            assert model["directory"] == {"CheckpointLoaderSimple": "checkpoints",
+                                          "ControlNetLoader": "controlnet"}[node["type"]]
+        if node["type"] == "Note":
+            assert "github.com/shinying/dmp" in node["widgets_values"][0]  # where the adapters come from
 
 
 # The converter itself ----------------------------------------------------------------------------
