@@ -192,13 +192,13 @@ def unframe(decoded: torch.Tensor, framing: Framing) -> torch.Tensor:
     return decoded[..., : framing.processing_size[0], : framing.processing_size[1]]
 
 
-def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Image files among `inputs` (files, or folders searched recursively), sorted, de-duplicated."""
+def list_images(inputs: Sequence[str | os.PathLike], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Image files among `inputs` (files, or folders searched recursively for `extensions`), sorted, de-duplicated."""
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found.extend(p for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS)
+            found.extend(p for p in sorted(path.rglob("*")) if p.suffix.lower() in extensions)
         elif path.is_file():
             found.append(path)
         else:
