@@ -344,9 +344,7 @@ def visual_settings(codec, raw: torch.Tensor, visual_range: str) -> dict:
     if visual_range != "batch" or percentiles is None:
         return {}
     low, high = (float(v[0]) for v in batch_percentiles(raw, *percentiles))
-    # A constant (or empty) batch has no range; each of its images has none either, and "image" colours
-    # it alike (all the first colour), so per image is the same answer.
-    return {"range_mode": "fixed", "fixed_range": (low, high)} if low < high else {}
+    return {"bounds": (low, high)}
 
 
 def batch_visual(raw: torch.Tensor, info: AdapterInfo, options: PredictOptions) -> torch.Tensor:

@@ -8,6 +8,7 @@ from clip_helpers import STAND_IN_DEPTH, STAND_IN_NORMAL, STAND_IN_OPTIONS, Stan
 
 from dmp_model.alignment import fit_scale
 from dmp_model.prediction import PredictOptions, predict_images
+from dmp_model.tasks import get_codec
 from dmp_model.temporal import TEMPORAL_FITS, TEMPORAL_TASKS, TemporalAligner, clip_aligners
 
 
@@ -153,3 +154,13 @@ def test_batch_visual_range_gives_every_frame_one_colour_scale():
     assert torch.equal(per_image[0], per_image[1])  # each frame spread over the whole colour map
     assert not torch.equal(batch[0], batch[1])
     assert torch.equal(batch[0, 0, 0], per_image[0, 0, 0]) and torch.equal(batch[1, 0, -1], per_image[1, 0, -1])
+
+
+def test_batch_visual_of_a_clip_coloured_in_chunks_equals_one_call():
+    depth = panning_clip(frames=7, size=32) * torch.linspace(1, 1.3, 7).view(-1, 1, 1)
+    options = STAND_IN_OPTIONS.updated(batch_size=3, visual_range="batch")
+    chunked = predict_images(StandInBackend(), grey_frames(depth), {"d": STAND_IN_DEPTH}, options)["d"]
+    whole = get_codec("depth").visualize(chunked.raw, range_mode="batch")
+    torch.testing.assert_close(chunked.visual, whole, rtol=0, atol=0)
+    flat = predict_images(StandInBackend(), torch.full((5, 3, 16, 16), 0.25), {"d": STAND_IN_DEPTH}, options)["d"]
+    assert torch.equal(flat.visual, get_codec("depth").visualize(flat.raw, range_mode="batch"))  # no range at all
