@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 # One thread in every child: OpenMP threads on a busy 2-core machine spin-wait for each other (a run
-# of the CLI part took 17 minutes with them, 1.5 without).
+# of the CLI part took 17 minutes with them, 2 without).
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 MEMORY_CHILD = r"""

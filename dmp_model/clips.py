@@ -123,10 +123,20 @@ def predict_clip(job: ClipJob, video: str | Path, stem: Path, progress: Callable
         start < info.frames or job.overwrite or not job.preview_path(name, stem).exists())]
     if start == info.frames and not previews:
         return False
-    # 2. Alignment continues from the frames already written, then the rest streams through in chunks.
+    # 2. The missing frames, then the previews from the raw frames on disk.
+    if start < info.frames:
+        predict_frames(job, info, stem, start, progress)
+    for name in previews:
+        write_preview(job, name, stem, info)
+    return True
+
+
+def predict_frames(job: ClipJob, info: VideoInfo, stem: Path, start: int,
+                   progress: Callable[[int], None] | None = None) -> None:
+    """Frames start.. of a clip, a chunk at a time; the alignment continues from the frames before `start`."""
     aligners = resume_aligners(job, stem, start, info.frames)
     index = start
-    for frames in read_frames(info, start, job.options.batch_size):               # [b, 3, H, W]
+    for frames in read_frames(info, start, job.options.batch_size):                 # [b, 3, H, W]
         results = predict_images(job.backend, frames, job.adapters, job.options, prompt=job.prompt,
                                  aligners=aligners)
         for i in range(frames.shape[0]):
@@ -135,10 +145,6 @@ def predict_clip(job: ClipJob, video: str | Path, stem: Path, progress: Callable
         index += frames.shape[0]
         if progress is not None:
             progress(frames.shape[0])
-    # 3. Previews from the raw frames on disk.
-    for name in previews:
-        write_preview(job, name, stem, info)
-    return True
 
 
 def first_missing_frame(job: ClipJob, stem: Path, count: int) -> int:

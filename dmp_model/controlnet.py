@@ -81,7 +81,8 @@ def depth_to_control(
         ok = (high > low).view(-1, 1, 1)  # False for a constant range
         v = torch.where(ok, 1 - normalize_between(z, low, high), torch.zeros_like(z))
     else:
-        v = normalize(1.0 / z.clamp_min(_MIN_DEPTH), range_mode, fixed_range=fixed and (1 / fixed[1], 1 / fixed[0]))
+        disparity_range = None if fixed is None else (1 / fixed[1], 1 / fixed[0])  # far is the smaller one
+        v = normalize(1.0 / z.clamp_min(_MIN_DEPTH), range_mode, fixed_range=disparity_range)
     if invert:
         v = 1 - v
     return v.unsqueeze(-1).repeat(1, 1, 1, 3)

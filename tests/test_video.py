@@ -131,6 +131,11 @@ def test_predict_a_video_writes_frames_and_a_preview_and_resumes(tiny_base, clip
     np.testing.assert_allclose(resumed, depth, rtol=0, atol=1e-4)  # only batch composition differs
     assert probe_video(out / NORMAL / "walk_visual.mp4").frames == 7
     assert predict(caplog, tiny_base, clip_adapters, [clip], out)[1] == [(1, 1, 0, 1, 0)]  # complete: skipped
+    (out / DEPTH / "walk_visual.mp4").unlink()  # only a preview missing: made again, no frame recomputed
+    before = {p: p.stat().st_mtime_ns for p in (out / DEPTH / "walk").iterdir()}
+    assert predict(caplog, tiny_base, clip_adapters, [clip], out)[1] == [(1, 1, 1, 0, 0)]
+    assert {p: p.stat().st_mtime_ns for p in (out / DEPTH / "walk").iterdir()} == before
+    assert probe_video(out / DEPTH / "walk_visual.mp4").frames == 7
 
     # Without alignment the first frame is the same and the later depth frames are not.
     code, _, _ = predict(caplog, tiny_base, clip_adapters, [clip], tmp_path / "plain", "--temporal-alignment", "0")
