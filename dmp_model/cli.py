@@ -8,6 +8,8 @@ Under ``accelerate launch`` (or torchrun) each process takes every N-th file of 
 so a large folder is shared out and no file is written twice (on a CPU-only machine, accelerate
 starts several processes only with ``--multi_gpu --num_processes N``; ``--cpu`` starts one).
 Existing outputs are skipped unless --overwrite, so an interrupted run resumes where it stopped.
+Video files (mp4, mov, webm, mkv; PyAV, an optional extra) are clips: raw outputs per frame, a
+preview video, temporal alignment of depth, resuming at the first missing frame (``clips.py``).
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ import torch
 from . import writers
 from .adapters import adapter_name_for
 from .colormaps import COLORMAPS
-from .imageproc import list_images, load_image
+from .imageproc import IMAGE_EXTENSIONS, list_images, load_image
 from .loading import PRECISIONS
 from .sampling import FINAL_OUTPUTS, SAMPLERS, SPACINGS
+from .video import VIDEO_EXTENSIONS, is_video, require_av
 
 logger = logging.getLogger("dmp")
 
@@ -37,9 +40,9 @@ _DEFAULT_FORMATS = ("npy", "png", "visual")
 
 def add_predict_parser(subparsers) -> None:
     """Register `dmp predict`."""
-    p = subparsers.add_parser("predict", help="predict dense maps for image files or folders",
+    p = subparsers.add_parser("predict", help="predict dense maps for image or video files or folders",
                               description="Predict with DMP task adapters; writes raw values and previews.")
-    p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("inputs", nargs="+", help="image or video files and/or folders (searched recursively)")
     p.add_argument("--base", required=True, help="SD 1.x base: diffusers folder or .safetensors/.ckpt file")
     p.add_argument("--adapter", action="append", required=True, metavar="PATH",
                    help="adapter file or folder; repeat for several tasks (one VAE encode serves all)")
@@ -64,6 +67,9 @@ def add_predict_parser(subparsers) -> None:
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "dmp"),
                    help="cache for the empty-prompt embedding (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist")
+    p.add_argument("--temporal-alignment", type=float, default=1.0, metavar="STRENGTH",
+                   help="video files: align each depth frame's scale to the frames before it, 0 (off) to 1 "
+                        "(default: %(default)s); images are never aligned")
     p.set_defaults(func=run_predict)
 
 
@@ -164,14 +170,20 @@ def run_predict(args: argparse.Namespace) -> int:
                                  processing_resolution=args.processing_resolution,
                                  guidance_scale=args.guidance_scale, final_output=args.final_output,
                                  batch_size=args.batch_size, colormap=args.colormap)
-        files = list_images(args.inputs)
+        files = list_images(args.inputs, IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
         if not files:
-            raise ValueError(f"no images found in {args.inputs}")
+            raise ValueError(f"no images found in {args.inputs} (nor video files)")
+        clip_options = options.updated(temporal_alignment=args.temporal_alignment)
+        if any(is_video(file) for file in files):  # clips: checked here, before the model loads
+            from .clips import check_clip_formats
+
+            check_clip_formats(formats)
+            require_av()
         stems = output_stems(files, args.inputs)
         names = [adapter_name_for(path) for path in args.adapter]
         if len(set(names)) < len(names):
             raise ValueError(f"adapters must have distinct names, got {names}")
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
         logger.error("%s", err)
         return 2
     # 2. This process's share of the files, and the model (a wrong base or adapter is a usage error).
@@ -194,7 +206,8 @@ def run_predict(args: argparse.Namespace) -> int:
         return prediction_paths(model.adapters[name].task, stems[file], output / name, formats)
 
     # 3. Skip what an earlier run wrote; predict the rest in same-size batches, one encode for all tasks.
-    todo = [f for f in mine if args.overwrite or not all(list(paths(f, n).values())[-1].exists() for n in names)]
+    image_files = [f for f in mine if not is_video(f)]
+    todo = [f for f in image_files if args.overwrite or not all(list(paths(f, n).values())[-1].exists() for n in names)]
     failed: list[Path] = []
     bar = tqdm(total=len(todo), desc=f"dmp predict [{rank + 1}/{world}]" if world > 1 else "dmp predict",
                unit="img", disable=None)
@@ -216,9 +229,18 @@ def run_predict(args: argparse.Namespace) -> int:
                     failed.append(file)
         bar.update(len(batch_files))
     bar.close()
-    # 4. One summary line per process (tests and users read it).
+    # 4. Video files: each a clip, streamed in chunks, resumed at its first missing frame.
+    written, skipped = len(todo) - len(failed), len(image_files) - len(todo)
+    if len(image_files) < len(mine):
+        from .clips import ClipJob, predict_clips
+
+        job = ClipJob(model, {n: model.adapters[n] for n in names}, output, formats, clip_options, args.prompt,
+                      args.overwrite)
+        clips_written, clips_skipped, clips_failed = predict_clips(job, [f for f in mine if is_video(f)], stems)
+        written, skipped, failed = written + clips_written, skipped + clips_skipped, failed + clips_failed
+    # 5. One summary line per process (tests and users read it).
     logger.info("process %d/%d: %d written, %d skipped (already there), %d failed",
-                rank + 1, world, len(todo) - len(failed), len(mine) - len(todo), len(failed))
+                rank + 1, world, written, skipped, len(failed))
     return 1 if failed else 0
 
 

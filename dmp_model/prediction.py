@@ -21,17 +21,20 @@ from typing import Protocol
 import torch
 
 from .adapters import AdapterInfo, check_option
-from .colormaps import COLORMAPS
+from .colormaps import COLORMAPS, batch_percentiles
 from .imageproc import Framing, frame_batch, processing_size, to_image_batch, unframe
 from .sampling import (FINAL_OUTPUTS, PREDICTION_TYPES, SAMPLERS, Denoiser, Schedule, get_timesteps,
                        sample_dmp)
 from .tasks import get_codec
+from .temporal import TemporalAligner, clip_aligners
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_GUIDANCE = 2.0
 # Several tasks at once: adapters in turn on the same latents, or all in one UNet batch.
 TASK_BATCHING = ("sequential", "batched")
+# The visual's colour range (colormaps.RANGE_MODES without "fixed", which needs values).
+VISUAL_RANGES = ("image", "batch")
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -52,6 +55,10 @@ class PredictOptions:
         task_batching: for several adapters, "sequential" (one after the other) or "batched"
             (all in the same UNet batch, peft's mixed-adapter LoRA; adapters must share a
             prediction type; only backends that can mix adapters in one batch).
+        temporal_alignment: the images are a clip's frames in order: align each depth frame's
+            scale to the frames before it, 0 (off, for still images) .. 1 (full); see ``temporal``.
+        visual_range: the depth visual's colour range, "image" (per image) or "batch" (one range
+            for the whole batch: a clip's colours do not flicker).
     """
 
     steps: int = 5
@@ -64,6 +71,8 @@ class PredictOptions:
     prediction_type: str | None = None
     colormap: str = "Spectral"
     task_batching: str = "sequential"
+    temporal_alignment: float = 0.0
+    visual_range: str = "image"
 
     def __post_init__(self):
         get_timesteps(self.steps, self.spacing)
@@ -72,6 +81,8 @@ class PredictOptions:
         check_option("final_output", self.final_output, FINAL_OUTPUTS)
         check_option("colormap", self.colormap, COLORMAPS)
         check_option("task_batching", self.task_batching, TASK_BATCHING)
+        check_option("visual_range", self.visual_range, VISUAL_RANGES)
+        clip_aligners({}, self.temporal_alignment)  # checks the strength
         if self.prediction_type is not None:
             check_option("prediction_type", self.prediction_type, PREDICTION_TYPES)
         if self.guidance_scale is not None and not (
@@ -253,7 +264,8 @@ def decode_task(backend: PredictionBackend, y: torch.Tensor, info: AdapterInfo, 
 def predict_images(backend: PredictionBackend, images, adapters: Mapping[str, AdapterInfo],
                    options: PredictOptions | None = None, *, prompt: str | Sequence[str] | None = None,
                    prompt_embeds: torch.Tensor | None = None, return_latents: bool = False,
-                   callback: ProgressCallback | None = None) -> dict[str, Prediction]:
+                   callback: ProgressCallback | None = None,
+                   aligners: dict[str, TemporalAligner] | None = None) -> dict[str, Prediction]:
     """Predict several tasks for a batch of same-size images, each image encoded once.
 
     Images stream through in chunks of ``options.batch_size``: each chunk is framed, encoded,
@@ -269,6 +281,9 @@ def predict_images(backend: PredictionBackend, images, adapters: Mapping[str, Ad
             [1 or B, L * k, D] such as ComfyUI's CLIP Text Encode output.
         return_latents: also return final and input latents.
         callback: ``callback(done, total)`` after every sampler step; may raise to interrupt.
+        aligners: with ``options.temporal_alignment`` > 0, a dict the caller keeps across calls when
+            one clip comes in several calls (the CLI's chunks of a video): each depth adapter's
+            ``TemporalAligner`` lives there and its reference runs on. None: this call is the whole clip.
 
     Returns:
         {name: Prediction} at the input size.
@@ -285,26 +300,60 @@ def predict_images(backend: PredictionBackend, images, adapters: Mapping[str, Ad
     if prompt is not None and any(adapters[name].uses_prompts for name in adapters):
         prompt_embeds = backend.encode_prompts([prompt] if isinstance(prompt, str) else list(prompt))
     progress = StepCounter(callback, options.steps * math.ceil(count / options.batch_size) * len(groups))
-    raws: dict[str, list[torch.Tensor]] = {name: [] for name in adapters}
-    latents: dict[str, list[torch.Tensor]] = {name: [] for name in adapters}
-    inputs: list[torch.Tensor] = []
+    aligned = clip_aligners({name: info.task for name, info in adapters.items()}, options.temporal_alignment,
+                            aligners)
+    outputs: dict[str, dict[str, torch.Tensor]] = {name: {} for name in adapters}
+    inputs: dict[str, torch.Tensor] = {}
     for start in range(0, count, options.batch_size):
         # 2. Resize, pad and encode the chunk once for every adapter.        # [b, 3, Hp, Wp] in [-1, 1]
         pixels, framing = frame_batch(batch[start:start + options.batch_size], options.processing_resolution)
         x = backend.encode(pixels)                                             # [b, 4, h, w]
         cond = chunk_rows(prompt_embeds, start, x.shape[0])
         for group in groups:
-            # 3. Sample each group's latents, then decode each task's values.
+            # 3. Sample each group's latents, decode each task's values, align a clip's depth frames in order.
             for name, y in zip(group, sample_group(backend, x, group, adapters, options, cond, progress)):
-                raws[name].append(decode_task(backend, y, adapters[name], framing))
+                raw = decode_task(backend, y, adapters[name], framing)
+                store_rows(outputs[name], "raw", aligned[name](raw) if name in aligned else raw, start, count)
                 if return_latents:
-                    latents[name].append(y.float().cpu())
+                    store_rows(outputs[name], "latents", y.float().cpu(), start, count)
         if return_latents:
-            inputs.append(x.float().cpu())
+            store_rows(inputs, "x", x.float().cpu(), start, count)
+    # 4. Previews of the whole batch (one colour range for all with visual_range "batch").
     results = {}
     for name, info in adapters.items():
-        raw = torch.cat(raws[name])
-        visual = get_codec(info.task).visualize(raw, colormap=options.colormap).float().contiguous()
-        extra = (torch.cat(latents[name]), torch.cat(inputs)) if return_latents else (None, None)
-        results[name] = Prediction(name, info, raw, visual, *extra)
+        raw = outputs[name]["raw"]
+        results[name] = Prediction(name, info, raw, batch_visual(raw, info, options),
+                                   outputs[name].get("latents"), inputs.get("x"))
     return results
+
+
+def store_rows(into: dict[str, torch.Tensor], key: str, rows: torch.Tensor, start: int, count: int) -> None:
+    """Copy a chunk's rows into ``into[key]``, the tensor for all `count` images (made at the first chunk),
+    so that results are never held twice (as a list of chunks and as their concatenation)."""
+    if key not in into:
+        into[key] = rows.new_empty((count, *rows.shape[1:]))
+    into[key][start:start + rows.shape[0]] = rows
+
+
+def visual_settings(codec, raw: torch.Tensor, visual_range: str) -> dict:
+    """``codec.visualize`` keywords: one colour range for all of `raw` ("batch"), or none (per image).
+
+    `raw`: a batch of the task's values, or any sample of a clip's values ([1, 1, K] of pixels).
+    """
+    percentiles = getattr(codec, "visual_percentiles", None)  # only depth's colours depend on a range
+    if visual_range != "batch" or percentiles is None:
+        return {}
+    low, high = (float(v[0]) for v in batch_percentiles(raw, *percentiles))
+    return {"bounds": (low, high)}
+
+
+def batch_visual(raw: torch.Tensor, info: AdapterInfo, options: PredictOptions) -> torch.Tensor:
+    """The preview [B, H, W, 3] of a batch's raw values, made chunk by chunk so that its temporaries stay
+    chunk-sized; with ``options.visual_range`` "batch" the colour range is taken once over the batch."""
+    codec = get_codec(info.task)
+    settings = visual_settings(codec, raw, options.visual_range)
+    visual: dict[str, torch.Tensor] = {}
+    for start in range(0, raw.shape[0], options.batch_size):
+        chunk = codec.visualize(raw[start:start + options.batch_size], colormap=options.colormap, **settings)
+        store_rows(visual, "rgb", chunk.float(), start, raw.shape[0])
+    return visual["rgb"].contiguous()

@@ -70,9 +70,23 @@ class DepthCodec:
     def resize(self, depth: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return resize_images(depth.unsqueeze(1), size).squeeze(1).clamp(min=0)
 
-    def visualize(self, depth: torch.Tensor, colormap: str = "Spectral", **options) -> torch.Tensor:
-        """Near-to-far colours, per image from the 2nd to the 98th percentile of depth."""
-        return colormaps.colorize(colormaps.normalize_per_image(depth, 2, 98), colormap)
+    visual_percentiles = (2.0, 98.0)
+
+    def visualize(self, depth: torch.Tensor, colormap: str = "Spectral", range_mode: str = "image",
+                  fixed_range: tuple[float, float] | None = None, bounds: tuple[float, float] | None = None,
+                  **options) -> torch.Tensor:
+        """Near-to-far colours from the 2nd to the 98th percentile of depth, per image by default.
+
+        `range_mode` and `fixed_range` (metres) as ``colormaps.value_range``: "batch" keeps one
+        range for every frame of a clip. `bounds`: a range computed beforehand for all images (a
+        clip's, coloured a chunk at a time), used as given (equal or NaN bounds colour all alike).
+        """
+        if bounds is not None:
+            low, high = (torch.full((depth.shape[0],), float(b)) for b in bounds)
+            values = colormaps.normalize_between(depth, low, high)
+        else:
+            values = colormaps.normalize(depth, range_mode, *self.visual_percentiles, fixed_range)
+        return colormaps.colorize(values, colormap)
 
 
 class NormalCodec:
