@@ -432,14 +432,14 @@ def check_interrupt(server: Server, name: str, prompt: dict) -> str:
     status, reply = server.submit(prompt)
     if status != 200:
         raise AssertionError(f"{name}: rejected ({status}): {json.dumps(reply)[:1000]}")
-    at_cancel, last = None, 0
+    at_cancel, last, total = None, 0, None
     while True:
         message = json.loads(server.socket.receive())
         data = message.get("data", {})
         if data.get("prompt_id") != reply["prompt_id"]:
             continue
         if message["type"] == "progress":
-            last = data["value"]
+            last, total = data["value"], data["max"]
             if at_cancel is None and last >= 2:
                 at_cancel = last
                 urllib.request.urlopen(urllib.request.Request(server.url + "/interrupt", data=b"{}"), timeout=30)
@@ -447,7 +447,7 @@ def check_interrupt(server: Server, name: str, prompt: dict) -> str:
             break
     if message["type"] != "execution_interrupted" or at_cancel is None or last > at_cancel + 1:
         raise AssertionError(f"{name}: {message['type']}, cancelled at step {at_cancel}, last step {last}")
-    return f"ok    {name}: cancelled at step {at_cancel} of {data.get('max', '?')}, stopped at step {last}"
+    return f"ok    {name}: cancelled at step {at_cancel} of {total}, stopped at step {last}"
 
 
 def check_memory_flat(server: Server, base: Path, name: str, prompt: dict, runs: int = 20) -> str:
@@ -523,7 +523,7 @@ def run_checks(server: Server, base: Path, as_shipped: bool = False,
     # 3. Bad input: execution errors with actionable messages, and the server goes on.
     report.append(check_error(server, "an SD 2.x UNet as the base", with_unet_loader(first, SD2_UNET, "default"),
                               "DMPLoadAdapter", "DMP needs a Stable Diffusion 1.x model"))
-    for label, adapter, message in [("an SDXL LoRA", SDXL_LORA, "adapter does not fit this model"),
+    for label, adapter, message in [("an SDXL LoRA", SDXL_LORA, "adapter does not fit this model: 1 of 3"),
                                     ("a corrupt adapter file", BROKEN["corrupt"], "corrupt.safetensors"),
                                     ("a truncated adapter file", BROKEN["truncated"], "truncated.safetensors"),
                                     ("a pickle with code", BROKEN["pickled"], "not loaded for safety")]:

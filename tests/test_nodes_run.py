@@ -428,7 +428,7 @@ def test_a_model_that_is_not_sd1_is_refused_naming_it(env):
 
 
 @pytest.mark.parametrize(("choice", "message"), [
-    ("sdxl_detail_lora.safetensors", "adapter does not fit this model: 0 of 1 LoRA layers fit"),
+    ("sdxl_detail_lora.safetensors", "adapter does not fit this model: 0 of 3 LoRA layers fit"),
     (f"depth-other-base/{ADAPTER_FILE}", "adapter does not fit this model: 0 of 128 LoRA layers fit"),
 ])
 def test_an_adapter_that_does_not_fit_is_refused_and_the_model_keeps_working(env, images, choice, message):

@@ -50,13 +50,21 @@ def write_official_adapter(unet: torch.nn.Module, folder: Path, seed: int, scale
 
 
 def write_sdxl_lora(path: Path) -> Path:
-    """A kohya LoRA of SDXL's UNet (LDM block names): a file a user may pick by mistake."""
+    """A kohya LoRA of SDXL's UNet (LDM block names), a file a user may pick by mistake. Like a real one,
+    it partly matches SD 1.x's names: block 0's self-attention fits an SD 1.5 layer, its cross-attention
+    key has SDXL's 2048-wide text input, and block 1 does not exist in SD 1.x."""
     from safetensors.torch import save_file
 
+    prefix = "lora_unet_input_blocks_4_1_transformer_blocks"
+    shapes = {f"{prefix}_0_attn1_to_q": (640, 640), f"{prefix}_0_attn2_to_k": (2048, 640),
+              f"{prefix}_1_attn1_to_q": (640, 640)}
+    tensors = {}
+    for module, (features_in, features_out) in shapes.items():
+        tensors[f"{module}.lora_down.weight"] = torch.zeros(4, features_in)
+        tensors[f"{module}.lora_up.weight"] = torch.zeros(features_out, 4)
+        tensors[f"{module}.alpha"] = torch.tensor(4.0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 640),
-               "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(640, 4)},
-              str(path))
+    save_file(tensors, str(path))
     return path
 
 
