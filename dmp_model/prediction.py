@@ -109,6 +109,8 @@ class Prediction:
         visual: float32 [B, H, W, 3] in [0, 1], a preview of raw.
         latents: final latents [B, 4, h, w] when asked for (``return_latents=True``).
         input_latents: the input image latents [B, 4, h, w] when asked for.
+        visual_range: the colour range the visual used (one of VISUAL_RANGES): "batch" for a clip's
+            frames, which maps made from this prediction follow by default.
     """
 
     adapter: str
@@ -117,6 +119,7 @@ class Prediction:
     visual: torch.Tensor
     latents: torch.Tensor | None = None
     input_latents: torch.Tensor | None = None
+    visual_range: str = "image"
 
     @property
     def task(self) -> str:
@@ -323,7 +326,7 @@ def predict_images(backend: PredictionBackend, images, adapters: Mapping[str, Ad
     for name, info in adapters.items():
         raw = outputs[name]["raw"]
         results[name] = Prediction(name, info, raw, batch_visual(raw, info, options),
-                                   outputs[name].get("latents"), inputs.get("x"))
+                                   outputs[name].get("latents"), inputs.get("x"), options.visual_range)
     return results
 
 

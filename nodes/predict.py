@@ -15,6 +15,10 @@ DEFAULTS = PredictOptions()  # the widgets' defaults are the engine's
 # The tasks with an output of their own on DMP Predict Tasks, in output order.
 OUTPUT_TASKS = ("depth", "normal", "segmentation", "albedo", "shading")
 
+# What the images of a batch are: each on its own, or a clip's frames in order (aligned over time,
+# previews and maps on one colour range, so that they do not flicker).
+BATCH_KINDS = ("images", "video")
+
 # Leading spacing's first timestep is (steps - 1) * (1000 // steps) + 1: 1000 steps would start past
 # t = 999, which the engine refuses; 999 is the most either spacing allows.
 MAX_STEPS = 999
@@ -35,6 +39,12 @@ _TIPS = {
                     "text); like the text, only adapters trained with captions use it.",
     "guidance_scale": "Classifier-free guidance with a prompt (DMP: 2); 1 = no guidance. Ignored "
                       "without a prompt and by '-notext' adapters.",
+    "batch_kind": "images: each image of the batch on its own. video: the batch is a clip's frames in order "
+                  "(e.g. from Load Video): depth frames are aligned to the frames before them "
+                  "(temporal_alignment) and previews, ControlNet maps and colours use one range for the whole "
+                  "clip, so they do not flicker.",
+    "temporal_alignment": "video only: how far each depth frame's scale is pulled to the frames before it "
+                          "(0 = not at all, 1 = fully); removes the per-frame scale drift that flickers.",
     "task": "Which adapter of the DMP model runs: the first one of this task; auto = the first adapter "
             "loaded.",
     "vae": "The SD 1.x VAE (e.g. of the same Load Checkpoint as the MODEL).",
@@ -60,6 +70,9 @@ def _settings_inputs() -> dict:
         "processing_resolution": ("INT", {"default": DEFAULTS.processing_resolution, "min": 0, "max": 4096,
                                           "step": 8, "tooltip": _TIPS["processing_resolution"]}),
         "batch_size": ("INT", {"default": DEFAULTS.batch_size, "min": 1, "max": 64, "tooltip": _TIPS["batch_size"]}),
+        "batch_kind": (list(BATCH_KINDS), {"default": "images", "tooltip": _TIPS["batch_kind"]}),
+        "temporal_alignment": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
+                                         "tooltip": _TIPS["temporal_alignment"]}),
     }
 
 
@@ -72,9 +85,15 @@ def _prompt_inputs() -> dict:
     }
 
 
-def _options(steps, sampler, spacing, processing_resolution, batch_size, guidance_scale) -> PredictOptions:
+def _options(steps, sampler, spacing, processing_resolution, batch_size, guidance_scale, batch_kind="images",
+             temporal_alignment=1.0) -> PredictOptions:
+    if batch_kind not in BATCH_KINDS:
+        raise ValueError(f"batch_kind must be one of {BATCH_KINDS}, got {batch_kind!r}")
+    video = batch_kind == "video"
     return PredictOptions(steps=steps, sampler=sampler, spacing=spacing, batch_size=batch_size,
-                          processing_resolution=processing_resolution, guidance_scale=float(guidance_scale))
+                          processing_resolution=processing_resolution, guidance_scale=float(guidance_scale),
+                          temporal_alignment=float(temporal_alignment) if video else 0.0,
+                          visual_range="batch" if video else "image")
 
 
 def run(dmp_model, vae, clip, image, adapters: list[LoadedAdapter], options: PredictOptions, prompt,
@@ -120,9 +139,11 @@ class DMPPredict:
                    "sampler step.")
 
     def predict(self, dmp_model, vae, clip, image, task, steps, sampler, spacing, processing_resolution,
-                batch_size=DEFAULTS.batch_size, prompt="", conditioning=None, guidance_scale=DEFAULT_GUIDANCE):
+                batch_size=DEFAULTS.batch_size, batch_kind="images", temporal_alignment=1.0, prompt="",
+                conditioning=None, guidance_scale=DEFAULT_GUIDANCE):
         adapter = dmp_model.adapter_for(task)
-        options = _options(steps, sampler, spacing, processing_resolution, batch_size, guidance_scale)
+        options = _options(steps, sampler, spacing, processing_resolution, batch_size, guidance_scale, batch_kind,
+                           temporal_alignment)
         result = run(dmp_model, vae, clip, image, [adapter], options, prompt, conditioning)[adapter.name]
         return (image_out(result.visual), result)
 
@@ -154,13 +175,15 @@ class DMPPredictTasks:
                    "one prediction output per task (the first adapter of each task is used).")
 
     def predict(self, dmp_model, vae, clip, image, steps, sampler, spacing, processing_resolution,
-                batch_size=DEFAULTS.batch_size, prompt="", conditioning=None, guidance_scale=DEFAULT_GUIDANCE):
+                batch_size=DEFAULTS.batch_size, batch_kind="images", temporal_alignment=1.0, prompt="",
+                conditioning=None, guidance_scale=DEFAULT_GUIDANCE):
         found = {task: dmp_model.find(task) for task in OUTPUT_TASKS}
         wanted = [adapter for adapter in found.values() if adapter is not None]
         if not wanted:
             raise ValueError(f"the DMP model has no adapter for any of {OUTPUT_TASKS} (it has: "
                              f"{dmp_model.describe()}); add them with Load DMP Adapter")
-        options = _options(steps, sampler, spacing, processing_resolution, batch_size, guidance_scale)
+        options = _options(steps, sampler, spacing, processing_resolution, batch_size, guidance_scale, batch_kind,
+                           temporal_alignment)
         results = run(dmp_model, vae, clip, image, wanted, options, prompt, conditioning)
         outputs = tuple(results[adapter.name] if adapter is not None else bridge.blocked(
             f"DMP Predict Tasks has no {task} prediction: the DMP model has no {task} adapter "

@@ -105,6 +105,21 @@ def make_full_size_models(cache: Path) -> Path:
     return cache
 
 
+VIDEO_FRAMES = 8
+
+
+def write_example_video(path: Path, image) -> None:
+    """A short clip of `image` panning a pixel per frame, for workflow 5's Load Video."""
+    import numpy as np
+
+    from dmp_model.video import write_video
+
+    array = np.asarray(image, dtype=np.float32) / 255
+    frames = np.stack([np.roll(array, i, axis=1) for i in range(VIDEO_FRAMES)])
+    with write_video(path, fps=8) as write:
+        write(frames)
+
+
 def _sd1_unet():
     import torch
     from diffusers import UNet2DConditionModel
@@ -165,6 +180,7 @@ def prepare_base(base: Path, cache: Path) -> Path:
     (base / "input").mkdir(exist_ok=True)
     gradient = Image.linear_gradient("L").resize((96, 64)).convert("RGB")
     gradient.save(base / "input" / "example.png")
+    write_example_video(base / "input" / "example.mp4", gradient)
     yaml = base / "extra_model_paths.yaml"
     yaml.write_text(f"dmp_e2e:\n    base_path: {extra}\n    dmp: .\n", encoding="utf-8")
     return yaml
@@ -306,7 +322,22 @@ def run_success(server: Server, base: Path, name: str, prompt: dict) -> tuple[st
                     raise AssertionError(f"{name}: {file} was not written")
         if entry["class_type"] == "PreviewAny" and not outputs.get(node_id, {}).get("text"):
             raise AssertionError(f"{name}: no text from PreviewAny {node_id}")
+        if entry["class_type"] == "SaveVideo":
+            check_saved_video(name, base, outputs.get(node_id, {}))
     return f"ok    {name}: {previews} images in {time.monotonic() - started:.1f} s", result
+
+
+def check_saved_video(name: str, base: Path, output: dict) -> None:
+    """A saved video holds as many frames as the example clip (read with PyAV)."""
+    from dmp_model.video import probe_video
+
+    files = output.get("images", [])
+    if not files:
+        raise AssertionError(f"{name}: SaveVideo reported no file")
+    path = base / "output" / files[0]["subfolder"] / files[0]["filename"]
+    frames = probe_video(path).frames
+    if frames != VIDEO_FRAMES:
+        raise AssertionError(f"{name}: {path.name} has {frames} frames, the input clip {VIDEO_FRAMES}")
 
 
 def check_messages(name: str, prompt: dict, messages: list[dict]) -> None:
@@ -560,7 +591,8 @@ def dump_core_nodes(server: Server, target: Path) -> None:
     used = sorted({n["type"] for p in WORKFLOWS.glob("*.json") for n in json.loads(p.read_text())["nodes"]}
                   & {k for k, v in info.items() if not v["python_module"].startswith("custom_nodes")})
     files = {("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
-             ("ControlNetLoader", "control_net_name"): "controlnet", ("LoadImage", "image"): "input"}
+             ("ControlNetLoader", "control_net_name"): "controlnet", ("LoadImage", "image"): "input",
+             ("LoadVideo", "file"): "input"}
     nodes = {}
     for name in used:
         keys = ("input", "input_order", "output", "output_name", "name", "category", "output_node")

@@ -268,6 +268,51 @@ def test_interrupt_stops_between_steps_and_the_next_run_works(env, images):
     assert predict(env, dmp_model, images)[1].raw.shape == (2, 40, 56)
 
 
+# Video: a batch of frames -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def frames():
+    """A clip: one image panned by a pixel per frame."""
+    scene = torch.rand(1, 40, 64, 3, generator=torch.Generator().manual_seed(5))
+    return torch.cat([scene[:, :, i:i + 56] for i in range(4)])
+
+
+def test_video_batches_align_depth_over_time_and_share_one_range(env, frames):
+    from dmp_model.temporal import TemporalAligner
+
+    dmp_model = load(env, "depth")
+    still = predict(env, dmp_model, frames)[1]
+    video = predict(env, dmp_model, frames, batch_kind="video")[1]
+    unaligned = predict(env, dmp_model, frames, batch_kind="video", temporal_alignment=0.0)[1]
+    assert (still.visual_range, video.visual_range) == ("image", "batch")
+    assert torch.equal(unaligned.raw, still.raw)  # alignment is the only change to the values
+    torch.testing.assert_close(video.raw, TemporalAligner(1.0)(still.raw))  # the engine's aligner, in order
+    assert not torch.equal(video.raw[1:], still.raw[1:])
+    in_chunks = predict(env, dmp_model, frames, batch_kind="video", batch_size=1)[1]
+    torch.testing.assert_close(in_chunks.raw, video.raw, atol=1e-4, rtol=1e-4)  # the reference runs on
+    assert torch.equal(predict(env, dmp_model, frames, temporal_alignment=0.0)[1].raw, still.raw)  # images: unused
+
+
+def test_depth_maps_follow_the_predictions_range_unless_told(env, frames):
+    dmp_model = load(env, "depth")
+    still = predict(env, dmp_model, frames)[1]
+    video = predict(env, dmp_model, frames, batch_kind="video")[1]
+    node = env.nodes["DMPDepthToControlNet"]()
+    control = {mode: node.convert(video, "percentile", False, 2.0, 85.0, range_mode=mode)[0]
+               for mode in ("auto", "image", "batch")}
+    assert torch.equal(control["auto"], control["batch"]) and not torch.equal(control["auto"], control["image"])
+    assert torch.equal(node.convert(still, "percentile", False, 2.0, 85.0)[0],
+                       node.convert(still, "percentile", False, 2.0, 85.0, range_mode="image")[0])
+    near = float(still.raw.min()) + 1e-3
+    fixed = node.convert(still, "percentile", False, 2.0, 85.0, range_mode="fixed", near=near, far=near + 1)[0]
+    assert fixed[still.raw <= near].min() == 1.0  # nearer than near: white
+    colorize = env.nodes["DMPDepthColorize"]()
+    assert torch.equal(colorize.colorize(video, "gray", 0.0, 100.0, False)[0],
+                       colorize.colorize(video, "gray", 0.0, 100.0, False, range_mode="batch")[0])
+    with pytest.raises(ValueError, match="0 < near < far"):
+        node.convert(still, "percentile", False, 2.0, 85.0, range_mode="fixed", near=5.0, far=1.0)
+
+
 # Maps ------------------------------------------------------------------------------------------
 
 def test_depth_maps(env, everything):

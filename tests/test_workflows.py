@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
     info = {**core_node_info(), **{k: object_info_of(v) for k, v in pack.NODE_CLASS_MAPPINGS.items()}}
     folder_paths = sys.modules["folder_paths"]
     files = {"checkpoints": folder_paths.get_filename_list("checkpoints"),
-             "controlnet": folder_paths.get_filename_list("controlnet"), "input": ["example.png"]}
+             "controlnet": folder_paths.get_filename_list("controlnet"), "input": ["example.png", "example.mp4"]}
     yield info, files, pack
     stand_ins.unload_pack(pack)
     stand_ins.uninstall()
@@ -42,10 +42,11 @@ def _load(path):
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def test_there_are_the_four_workflows_of_the_issue():
+def test_there_are_the_workflows_of_the_issues():
     assert [p.name for p in WORKFLOWS] == ["1_depth_normals_to_controlnet.json",
                                           "2_sd15_depth_controlnet_regeneration.json",
-                                          "3_all_five_tasks.json", "4_segmentation_mask_inpainting.json"]
+                                          "3_all_five_tasks.json", "4_segmentation_mask_inpainting.json",
+                                          "5_video_depth_to_controlnet.json"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -87,6 +88,13 @@ def test_the_issue_layouts(setup):
     assert {"KSampler", "DMPPredict", "ControlNetApplyAdvanced", "ControlNetLoader"} <= kinds[1]
     assert {"DMPPredictTasks", "DMPIntrinsics", "DMPSegmentation", "DMPDepthColorize"} <= kinds[2]
     assert {"DMPSegmentation", "SetLatentNoiseMask", "KSampler"} <= kinds[3]
+    assert {"LoadVideo", "GetVideoComponents", "DMPPredict", "DMPDepthToControlNet", "CreateVideo",
+            "SaveVideo"} <= kinds[4]
+    video = to_api(_load(WORKFLOWS[4]), info)
+    predict = next(e["inputs"] for e in video.values() if e["class_type"] == "DMPPredict")
+    assert predict["batch_kind"] == "video" and predict["temporal_alignment"] == 1.0
+    fps = [e["inputs"]["fps"] for e in video.values() if e["class_type"] == "CreateVideo"]
+    assert fps and all(video[f[0]]["class_type"] == "GetVideoComponents" for f in fps)  # the clip's own rate
     adapters = [e for e in to_api(_load(WORKFLOWS[2]), info).values() if e["class_type"] == "DMPLoadAdapter"]
     assert len({e["inputs"]["adapter"] for e in adapters}) == 5
 
