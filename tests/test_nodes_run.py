@@ -162,7 +162,8 @@ def test_predict_equals_the_library_on_the_same_weights(env, images):
     span = float(expected.raw.max() - expected.raw.min())
     assert span > 0.01
     assert float((prediction.raw - expected.raw).abs().max()) < 1e-4 * span
-    torch.testing.assert_close(visual, expected.visual, atol=2e-3, rtol=0)
+    # The colour map is a lookup table: a value on a bin edge may land in the next bin.
+    assert float((visual - expected.visual).abs().mean()) < 1e-4
 
 
 def test_predict_tasks_equals_the_library_with_one_encode(env, images):
