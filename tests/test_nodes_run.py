@@ -166,6 +166,20 @@ def test_predict_equals_the_library_on_the_same_weights(env, images):
     assert float((visual - expected.visual).abs().mean()) < 1e-4
 
 
+def test_the_unet_is_called_in_the_models_compute_dtype_and_gives_float32(env):
+    """As ComfyUI's apply_model: inputs cast to the weights' dtype (bf16 here), output as float32."""
+    import copy
+
+    bridge = env.pack.nodes.comfy_bridge
+    half = core_models.ModelPatcher(core_models.BaseModel(copy.deepcopy(env.components[0]).to(torch.bfloat16)))
+    generator = torch.Generator().manual_seed(3)
+    z, context = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 77, 32, generator=generator)
+    full = bridge.call_unet(env.model, z, 501, context)
+    low = bridge.call_unet(half, z, 501, context)
+    assert full.dtype == low.dtype == torch.float32
+    torch.testing.assert_close(low, full, atol=0.1, rtol=0.05)
+
+
 def test_predict_tasks_equals_the_library_with_one_encode(env, images):
     encoded = env.vae.encoded
     depth, normal, *_blocked, previews = predict_tasks(env, load(env, "depth", "normal"), images)
