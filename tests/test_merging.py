@@ -68,8 +68,10 @@ def test_a_thousand_switches_leave_the_weights_bit_identical():
         update = 2 * layer.lora_B["b"].weight @ layer.lora_A["b"].weight
         torch.testing.assert_close(layer.get_base_layer().weight, weight + update, atol=1e-5, rtol=0)
     assert merger.extra_bytes == 4 * 64 * 64 * 4  # the memory cost: one copy of the adapted weights
+    assert all(layer.forward == layer.get_base_layer().forward for layer in layers)  # peft's checks skipped
     merger.unmerge()
     assert merger.extra_bytes == 0 and not any(layer.merged for layer in layers)
+    assert not any("forward" in layer.__dict__ for layer in layers)  # peft's forward is back
     assert all(torch.equal(layer.get_base_layer().weight, w) for layer, w in zip(layers, original))
     # The test can fail: peft's own unmerge (subtracting the update again) drifts within 1000 switches.
     drifting = lora_module()
