@@ -15,7 +15,8 @@ interleaved at every batch size:
   UNet), 4 trailing steps (v1-1's default) and 1.
 
 Then one UNet call at batch 1: the adapter merged by hand, merged inside peft's layers (what
-``predict`` runs) and unmerged in peft's layers; and the time of one adapter switch. Prints a table
+``predict`` runs) and unmerged in peft's layers; the CPU time of DMP's depth preview (``visual``,
+computed by ``predict`` and not by the bare loop); and the time of one adapter switch. Prints a table
 and writes JSON (``--json``).
 """
 
@@ -104,6 +105,15 @@ def unet_calls(models, size: int, repeats: int, device: torch.device) -> dict:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def preview_seconds(size: int, batches: list[int]) -> dict[str, float]:
+    """CPU seconds of the depth preview ``predict`` computes from its result (the bare loop has none)."""
+    from dmp_model.tasks import get_codec
+
+    codec = get_codec("depth")
+    return {str(b): timed(lambda b=b: codec.visualize(torch.rand(b, size, size) * 8), torch.device("cpu"))
+            for b in batches}
+
+
 def switch_seconds(models, switches: int, device: torch.device) -> float:
     context = models.context
     models.model.denoiser([ADAPTER], context, None)
@@ -134,6 +144,9 @@ def print_table(results: dict) -> None:
         base = calls["merged by hand"]
         print(f"{size:>4} px, one UNet call at batch 1: "
               + ", ".join(f"{name} {s * 1000:.2f} ms ({s / base:.3f}x)" for name, s in calls.items()))
+    for size, times in results["preview_s"].items():
+        print(f"{size:>4} px, DMP's depth preview on the CPU (part of predict, not of the bare loop): "
+              + ", ".join(f"b{b} {s * 1000:.0f} ms" for b, s in times.items()))
     print(f"adapter switch (unmerge + merge): {results['switch_s'] * 1000:.1f} ms; total {results['total_s']:.0f} s")
 
 
@@ -158,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     models = build(shape, str(device), dtype, Path(args.workdir))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     results = {"device": name, "dtype": str(dtype).removeprefix("torch."), "shape": shape, "torch": torch.__version__,
-               "sizes": sizes, "batches": batches, "repeats": repeats, "rows": [], "unet_call_s": {},
+               "sizes": sizes, "batches": batches, "repeats": repeats, "rows": [], "unet_call_s": {}, "preview_s": {},
                "max_difference_to_bare": agreement(models, sizes[0])}
     print("same maths, largest difference to the bare loop: "
           + ", ".join(f"{m} {d:.2e}" for m, d in results["max_difference_to_bare"].items()), flush=True)
@@ -169,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{size} px {method}: " + ", ".join(f"b{b} {c['method_s']:.3f} s (x{c['ratio']:.3f})"
                                                      for b, c in cells.items()), flush=True)
         results["unet_call_s"][str(size)] = unet_calls(models, size, repeats, device)
+        results["preview_s"][str(size)] = preview_seconds(size, batches)
     results["switch_s"] = switch_seconds(models, 10, device)
     results["total_s"] = time.perf_counter() - started
     print_table(results)

@@ -43,7 +43,7 @@ def test_gpu_benchmark_smoke_mode_reports_every_method_size_and_batch(tmp_path, 
     assert all(d < 1e-4 for d in results["max_difference_to_bare"].values()), results["max_difference_to_bare"]
     calls = results["unet_call_s"]["64"]
     assert set(calls) == {"merged by hand", "DMPModel (merged in peft)", "peft unmerged"}
-    assert results["switch_s"] > 0
+    assert results["switch_s"] > 0 and set(results["preview_s"]["64"]) == {"1", "2"}
     table = capsys.readouterr().out
     for method in ("dmp-5", "dmp-1", "marigold-4", "marigold-1"):
         assert f"  64 {method}" in table
