@@ -160,7 +160,7 @@ def bare_dmp(models: Models, images: torch.Tensor, steps: int = 5, spacing: str 
              unet: torch.nn.Module | None = None) -> torch.Tensor:
     """DMP with nothing around it: images [B, 3, H, W] in [0, 1] (H, W multiples of 8) -> metres [B, H, W]."""
     vae, dtype = models.vae, models.context.dtype
-    pixels = images.to(models.context.device, dtype) * 2 - 1
+    pixels = (images * 2 - 1).to(models.context.device, dtype)
     x = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor                 # [B, 4, h, w]
     z = ddim_loop(unet or models.merged_unet, x, models.context.expand(x.shape[0], -1, -1),
                   get_timesteps(steps, spacing), models)
@@ -172,7 +172,7 @@ def bare_dmp(models: Models, images: torch.Tensor, steps: int = 5, spacing: str 
 def bare_marigold(models: Models, images: torch.Tensor, steps: int = 4, seed: int = 0) -> torch.Tensor:
     """Marigold with nothing around it: noise -> affine-invariant depth [B, H, W] in [0, 1]."""
     vae, dtype = models.vae, models.context.dtype
-    pixels = images.to(models.context.device, dtype) * 2 - 1
+    pixels = (images * 2 - 1).to(models.context.device, dtype)
     x = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
     noise = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(seed), device=x.device,
                         dtype=dtype)

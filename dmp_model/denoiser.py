@@ -77,7 +77,8 @@ class MergedLora:
         for layer in layers:
             weight = layer.get_base_layer().weight
             self._originals[layer] = weight.data
-            weight.data = weight.data + layer.get_delta_weight(name).to(weight.dtype)
+            # Added in float32 and rounded once: fp16 weights get the nearest value to W + update.
+            weight.data = (weight.data.float() + layer.get_delta_weight(name).float()).to(weight.dtype)
             layer.merged_adapters.append(name)  # peft's bookkeeping: it refuses per-row adapters now
             # Merged, peft's forward only calls the base layer, after checks that cost ~9 us per
             # layer and call (1 ms per SD 1.x UNet call: launch-bound GPU batches feel it).
