@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared machine, OpenMP threads spin-wait for each other)")
     parser.add_argument("--workdir", default="/tmp/dmp_bench_limit")
+    parser.add_argument("--only", help="comma-separated candidates to run (default: all), e.g. predict,bare")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -107,6 +108,11 @@ def main() -> None:
     difference = (run_dmp(models, images) - bare_dmp(models, images)).abs().max().item()
     print(f"same maths: predict and the bare loop differ by at most {difference:.2e} m")
     runs = candidates(models, images)
+    if args.only:
+        unknown = set(args.only.split(",")) - set(runs)
+        if unknown:
+            raise SystemExit(f"--only: unknown candidates {sorted(unknown)}; valid: {list(runs)}")
+        runs = {name: fn for name, fn in runs.items() if name in args.only.split(",")}
     for fn in runs.values():  # warm-up
         fn()
     names = list(runs)
@@ -120,6 +126,7 @@ def main() -> None:
         print(f"round {r + 1} (wall s): " + ", ".join(f"{n} {times['wall'][n][-1]:.3f}" for n in names), flush=True)
     pairs = [("predict", "bare"), ("marigold-4", "predict"), ("marigold-1", "predict"), ("marigold-1", "predict-1"),
              ("unet-dmp", "unet-merged"), ("unet-peft", "unet-merged")]
+    pairs = [(a, b) for a, b in pairs if a in runs and b in runs]
     results = {"shape": args.shape, "size": args.size, "rounds": args.rounds, "threads": torch.get_num_threads(),
                "median_s": {clock: {n: statistics.median(v) for n, v in t.items()} for clock, t in times.items()},
                "ratios": {clock: {f"{a} / {b}": summary(t, a, b) for a, b in pairs} for clock, t in times.items()},
