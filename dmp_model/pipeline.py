@@ -5,15 +5,17 @@
     result = model.predict(images, "depth-hypersim-notext")    # Prediction: raw metres + visual
 
 One VAE encode serves any number of adapters (``predict_tasks``); switching adapter never
-reloads the base.
+reloads the base. An adapter running alone is merged into the UNet's weights until another one
+needs the UNet (``denoiser.MergedLora``: exact, no drift), so it runs as fast as the bare UNet.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import torch
 
 from . import adapters as adapter_files
 from .adapters import AdapterInfo
-from .denoiser import AdapterDenoiser
+from .denoiser import AdapterDenoiser, MergedLora
 from .loading import BaseComponents, load_base
 from .prediction import (Prediction, PredictOptions, ProgressCallback, StepCounter, check_conditioning,
                          chunk_rows, predict_images, sample_group)
@@ -37,6 +39,7 @@ class _LoadedAdapter:
     file: Path
     stamp: tuple
     layers: int
+    live: bool = False  # registered, not loaded: a trainer's weights, merged for one call at a time
 
 
 class DMPModel:
@@ -51,6 +54,7 @@ class DMPModel:
         self.text = TextConditioner(components.load_text_encoder, components.load_tokenizer, self.device,
                                     self.dtype, cache_file_for(components.source, cache_dir))
         self._adapters: dict[str, _LoadedAdapter] = {}
+        self._merged = MergedLora(self.unet)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "auto",
@@ -112,6 +116,7 @@ class DMPModel:
         peft_tensors = {k: v.to(self.device, self.dtype) for k, v in peft_tensors.items()}
         if loaded is not None:
             self.remove_adapter(name)
+        self._merged.reset()  # peft adds the new adapter's layers next to the original weights
         layers = adapter_files.attach_adapter(self.unet, peft_tensors, name)
         self._adapters[name] = _LoadedAdapter(info, file, stamp, layers)
         logger.info("loaded adapter %r from %s: %d layers, task %s", name, file, layers, info.task)
@@ -120,20 +125,24 @@ class DMPModel:
     def register_adapter(self, name: str, info: AdapterInfo) -> AdapterInfo:
         """Use an adapter already attached to the UNet by peft (a trainer's ``unet.add_adapter``) by name.
 
-        Its weights stay live: ``predict`` follows them as they train. Raises if the UNet has no
-        LoRA layers named `name`.
+        Its weights stay live: ``predict`` follows them as they train. A live adapter is merged
+        into the UNet's weights for the length of one ``predict``/``sample`` call only, so training
+        steps between calls always run (and take gradients through) the unmerged LoRA layers.
+        Raises if the UNet has no LoRA layers named `name`.
         """
         if not isinstance(info, AdapterInfo):
             raise TypeError(f"info must be an AdapterInfo, got {type(info).__name__}")
         layers = adapter_files.count_adapter_layers(self.unet, name)
         if not layers:
             raise ValueError(f"the UNet has no LoRA layers of adapter {name!r}; attach it first (unet.add_adapter)")
-        self._adapters[name] = _LoadedAdapter(info, Path(), (), layers)
+        self._merged.reset()
+        self._adapters[name] = _LoadedAdapter(info, Path(), (), layers, live=True)
         return info
 
     def remove_adapter(self, name: str) -> None:
         """Detach an adapter."""
         self._require_adapter(name)
+        self._merged.reset()
         self.unet.delete_adapters(name)
         del self._adapters[name]
 
@@ -173,10 +182,11 @@ class DMPModel:
         return self.text.encode(prompts)
 
     def denoiser(self, adapters: Sequence[str], context: torch.Tensor, guidance_scale: float | None) -> Denoiser:
-        """The UNet with one adapter active, or (several) adapter-major row blocks of one batch."""
+        """The UNet with one adapter merged, or (several, unmerged) adapter-major row blocks of one batch."""
         if len(adapters) == 1:
-            self.unet.set_adapter(adapters[0])
+            self._merged.merge(adapters[0])
             return AdapterDenoiser(self.unet, context, guidance_scale)
+        self._merged.unmerge()  # peft mixes adapters per row on the original weights only
         rows_per_adapter = context.shape[0] // len(adapters) // (1 if guidance_scale is None else 2)
         return AdapterDenoiser(self.unet, context, guidance_scale,
                                [name for name in adapters for _ in range(rows_per_adapter)])
@@ -208,10 +218,11 @@ class DMPModel:
         progress = StepCounter(callback, options.steps * math.ceil(latents.shape[0] / options.batch_size))
         latents = latents.to(self.device, self.dtype)
         chunks = []
-        for start in range(0, latents.shape[0], options.batch_size):
-            x = latents[start:start + options.batch_size]
-            chunks += sample_group(self, x, [name], infos, options, chunk_rows(prompt_embeds, start, x.shape[0]),
-                                   progress)
+        with self._live_adapters_unmerged_after():
+            for start in range(0, latents.shape[0], options.batch_size):
+                x = latents[start:start + options.batch_size]
+                chunks += sample_group(self, x, [name], infos, options,
+                                       chunk_rows(prompt_embeds, start, x.shape[0]), progress)
         return torch.cat(chunks)
 
     def predict(self, images, adapter: str | None = None, options: PredictOptions | None = None, *,
@@ -245,11 +256,31 @@ class DMPModel:
         """
         options = (options or PredictOptions()).updated(**settings)
         infos = {name: self._adapters[self._require_adapter(name)].info for name in adapters}
-        return predict_images(self, images, infos, options, prompt=prompt, prompt_embeds=prompt_embeds,
-                              return_latents=return_latents, callback=callback)
+        with self._live_adapters_unmerged_after():
+            return predict_images(self, images, infos, options, prompt=prompt, prompt_embeds=prompt_embeds,
+                                  return_latents=return_latents, callback=callback)
+
+    @contextlib.contextmanager
+    def _live_adapters_unmerged_after(self) -> Iterator[None]:
+        """A registered adapter's weights train between calls: unmerge it when the call ends, however it ends."""
+        try:
+            yield
+        finally:
+            merged = self._adapters.get(self._merged.name) if self._merged.name else None
+            if merged is not None and merged.live:
+                self._merged.unmerge()
+
+    def unmerge_adapter(self) -> None:
+        """Give the UNet back its original weights now (an adapter running alone stays merged until then).
+
+        Nothing needs this for correctness (``unet.state_dict()`` unmerges by itself); it frees the
+        copy of the adapted layers' weights that merging keeps (``denoiser.MergedLora``).
+        """
+        self._merged.unmerge()
 
     def to(self, device: str | torch.device) -> DMPModel:
         """Move the models (ComfyUI offloads idle models to the CPU)."""
+        self._merged.unmerge()  # move the original weights, and keep no copy behind on the old device
         self.device = torch.device(device)
         self.unet.to(self.device)
         self.vae.to(self.device)
