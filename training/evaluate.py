@@ -293,5 +293,7 @@ def plot_quality(path: Path, rows: Sequence[dict], task: str) -> Path:
 
 
 def _short_label(row: Mapping) -> str:
-    return (f"{row['steps']}{row['spacing'][0]} {row['sampler']} {row['processing_resolution']}"
+    """e.g. '5 leading ddim 512px tile flip'."""
+    resolution = f"{row['processing_resolution']}px" if row["processing_resolution"] else "native"
+    return (f"{row['steps']} {row['spacing']} {row['sampler']} {resolution}"
             + (" tile" if row["tile"] == "on" else "") + (f" {row['ensemble']}" if row["ensemble"] != "none" else ""))
