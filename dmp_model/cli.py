@@ -27,6 +27,7 @@ import torch
 from . import writers
 from .adapters import adapter_name_for
 from .colormaps import COLORMAPS
+from .ensemble import ENSEMBLES
 from .imageproc import IMAGE_EXTENSIONS, list_images, load_image
 from .loading import PRECISIONS
 from .sampling import FINAL_OUTPUTS, SAMPLERS, SPACINGS
@@ -70,6 +71,18 @@ def add_predict_parser(subparsers) -> None:
     p.add_argument("--temporal-alignment", type=float, default=1.0, metavar="STRENGTH",
                    help="video files: align each depth frame's scale to the frames before it, 0 (off) to 1 "
                         "(default: %(default)s); images are never aligned")
+    p.add_argument("--tile", action="store_true",
+                   help="large images: a global pass plus overlapping tiles at the processing resolution, "
+                        "merged without seams (more detail, one pass per tile)")
+    p.add_argument("--tile-size", type=int, default=0,
+                   help="tile side in input pixels, 0 = the processing resolution (default: %(default)s)")
+    p.add_argument("--tile-overlap", type=float, default=0.25,
+                   help="blend ramp between tiles, a fraction of the tile in (0, 0.5] (default: %(default)s)")
+    p.add_argument("--ensemble", choices=ENSEMBLES, default="none",
+                   help="flip: predict each image and its mirror in one batch and merge them (default: %(default)s)")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="with --ensemble flip: also write _uncertainty.npy (the members' disagreement) and "
+                        "_uncertainty.png (grey, white = high)")
     p.set_defaults(func=run_predict)
 
 
@@ -117,11 +130,14 @@ def _shard(files: list[Path]) -> tuple[list[Path], int, int, str]:
 _PNG_SUFFIX = {"depth": "_depth16.png", "segmentation": "_classes.png"}
 
 
-def prediction_paths(task: str, stem: Path, folder: Path, formats: Sequence[str]) -> dict[str, Path]:
+def prediction_paths(task: str, stem: Path, folder: Path, formats: Sequence[str],
+                     uncertainty: bool = False) -> dict[str, Path]:
     """The files one image's prediction is written to, in writing order (the last one marks it done)."""
     base = folder / stem
     suffixes = {"npy": ".npy", "png": _PNG_SUFFIX.get(task), "exr": ".exr"}
     paths = {f: base.with_name(base.name + suffixes[f]) for f in writers.raw_formats(task) if f in formats}
+    if uncertainty:
+        paths.update({f"uncertainty_{ext}": base.with_name(f"{base.name}_uncertainty.{ext}") for ext in ("npy", "png")})
     if "visual" in formats:
         paths["visual"] = base.with_name(base.name + "_visual.png")
     return paths
@@ -133,6 +149,10 @@ def write_prediction(prediction, index: int, paths: dict[str, Path]) -> None:
     for file_format, path in paths.items():
         if file_format == "visual":
             writers.write_png8(path, prediction.visual[index].numpy())
+        elif file_format == "uncertainty_npy":
+            writers.write_npy(path, prediction.uncertainty[index].numpy())
+        elif file_format == "uncertainty_png":
+            writers.write_png8(path, prediction.uncertainty_visual[index].numpy())
         else:
             writers.write_raw(path, prediction.task, raw, file_format)
 
@@ -169,7 +189,11 @@ def run_predict(args: argparse.Namespace) -> int:
         options = PredictOptions(steps=args.steps, sampler=args.sampler, spacing=args.spacing,
                                  processing_resolution=args.processing_resolution,
                                  guidance_scale=args.guidance_scale, final_output=args.final_output,
-                                 batch_size=args.batch_size, colormap=args.colormap)
+                                 batch_size=args.batch_size, colormap=args.colormap, tile=args.tile,
+                                 tile_size=args.tile_size, tile_overlap=args.tile_overlap, ensemble=args.ensemble)
+        if args.uncertainty and args.ensemble == "none":
+            raise ValueError("--uncertainty needs --ensemble flip: the uncertainty is how far the ensemble's "
+                             "members disagree")
         files = list_images(args.inputs, IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
         if not files:
             raise ValueError(f"no images found in {args.inputs} (nor video files)")
@@ -179,6 +203,9 @@ def run_predict(args: argparse.Namespace) -> int:
 
             check_clip_formats(formats)
             require_av()
+            if args.uncertainty:
+                raise ValueError("--uncertainty writes one file per image and is not available for video inputs; "
+                                 "predict the clip without it (or its frames as images)")
         stems = output_stems(files, args.inputs)
         names = [adapter_name_for(path) for path in args.adapter]
         if len(set(names)) < len(names):
@@ -203,7 +230,7 @@ def run_predict(args: argparse.Namespace) -> int:
     output = Path(args.output)
 
     def paths(file: Path, name: str) -> dict[str, Path]:
-        return prediction_paths(model.adapters[name].task, stems[file], output / name, formats)
+        return prediction_paths(model.adapters[name].task, stems[file], output / name, formats, args.uncertainty)
 
     # 3. Skip what an earlier run wrote; predict the rest in same-size batches, one encode for all tasks.
     image_files = [f for f in mine if not is_video(f)]

@@ -12,6 +12,7 @@ model library.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +21,7 @@ from typing import Protocol
 
 import torch
 
+from . import ensemble, tiling
 from .adapters import AdapterInfo, check_option
 from .colormaps import COLORMAPS, batch_percentiles
 from .imageproc import Framing, frame_batch, processing_size, to_image_batch, unframe
@@ -59,6 +61,13 @@ class PredictOptions:
             scale to the frames before it, 0 (off, for still images) .. 1 (full); see ``temporal``.
         visual_range: the depth visual's colour range, "image" (per image) or "batch" (one range
             for the whole batch: a clip's colours do not flicker).
+        tile: predict large images as a global pass plus overlapping tiles, merged without seams
+            (``tiling.py``); images whose shorter side fits in one tile are predicted as usual.
+        tile_size: tile side in input pixels; 0 = the processing resolution; else at least it.
+        tile_overlap: blend ramp between neighbouring tiles as a fraction of the tile, in (0, 0.5].
+        ensemble: "none", or "flip": the image and its mirror in one UNet batch, merged, with an
+            uncertainty map (``ensemble.py``); batch_size then counts images, the batch has twice
+            the rows.
     """
 
     steps: int = 5
@@ -73,6 +82,10 @@ class PredictOptions:
     task_batching: str = "sequential"
     temporal_alignment: float = 0.0
     visual_range: str = "image"
+    tile: bool = False
+    tile_size: int = 0
+    tile_overlap: float = 0.25
+    ensemble: str = "none"
 
     def __post_init__(self):
         get_timesteps(self.steps, self.spacing)
@@ -90,6 +103,29 @@ class PredictOptions:
             raise ValueError(f"guidance_scale must be a finite number or None, got {self.guidance_scale!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        check_option("ensemble", self.ensemble, ensemble.ENSEMBLES)
+        self._check_tiling()
+
+    def _check_tiling(self) -> None:
+        if not isinstance(self.tile, bool):
+            raise TypeError(f"tile must be True or False, got {self.tile!r}")
+        if isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int) or self.tile_size < 0:
+            raise ValueError(f"tile_size must be 0 (the processing resolution) or a number of pixels, "
+                             f"got {self.tile_size!r}")
+        if isinstance(self.tile_overlap, bool) or not isinstance(self.tile_overlap, (int, float)) \
+                or not 0 < self.tile_overlap <= 0.5:
+            raise ValueError(f"tile_overlap must be a fraction of the tile in (0, 0.5], got {self.tile_overlap!r}")
+        if self.tile and self.processing_resolution == 0:
+            raise ValueError("tile=True needs a processing_resolution > 0 (tiles are predicted at it); "
+                             "got processing_resolution=0 (native size)")
+        if self.tile and 0 < self.tile_size < self.processing_resolution:
+            raise ValueError(f"tile_size must be 0 or at least the processing_resolution "
+                             f"({self.processing_resolution}): a smaller tile would be upsampled; got {self.tile_size}")
+
+    @property
+    def merges_passes(self) -> bool:
+        """Whether an image may take several passes that are merged (tiling or an ensemble)."""
+        return self.tile or self.ensemble != "none"
 
     def updated(self, **changes) -> PredictOptions:
         """A copy with some settings changed; unknown names raise a TypeError listing the valid ones."""
@@ -111,6 +147,10 @@ class Prediction:
         input_latents: the input image latents [B, 4, h, w] when asked for.
         visual_range: the colour range the visual used (one of VISUAL_RANGES): "batch" for a clip's
             frames, which maps made from this prediction follow by default.
+        uncertainty: float32 [B, H, W], how far an ensemble's members disagree (``ensemble="flip"``;
+            units per task in ``tasks.py``: metres, degrees, vote share, ...), else None.
+        uncertainty_visual: float32 [B, H, W, 3] in [0, 1], grey: black = agreement, white = the
+            task's ``uncertainty_scale`` (``ensemble.uncertainty_visual``); a mask is one channel.
     """
 
     adapter: str
@@ -120,6 +160,8 @@ class Prediction:
     latents: torch.Tensor | None = None
     input_latents: torch.Tensor | None = None
     visual_range: str = "image"
+    uncertainty: torch.Tensor | None = None
+    uncertainty_visual: torch.Tensor | None = None
 
     @property
     def task(self) -> str:
@@ -264,6 +306,56 @@ def decode_task(backend: PredictionBackend, y: torch.Tensor, info: AdapterInfo, 
     return codec.resize(codec.decode(decoded, info), framing.input_size).cpu()
 
 
+def predict_pass(backend: PredictionBackend, images: torch.Tensor, cond: torch.Tensor | None,
+                 adapters: Mapping[str, AdapterInfo], groups: list[list[str]], options: PredictOptions,
+                 progress: StepCounter) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """One chunk of images [b, 3, H, W] in [0, 1]: framed and encoded once, sampled with every adapter.
+
+    Returns:
+        ({name: raw at H x W on the CPU}, {name: final latents [b, 4, h, w]}, input latents [b, 4, h, w]).
+    """
+    pixels, framing = frame_batch(images, options.processing_resolution)    # [b, 3, Hp, Wp] in [-1, 1]
+    x = backend.encode(pixels)                                               # [b, 4, h, w]
+    raws, latents = {}, {}
+    for group in groups:
+        for name, y in zip(group, sample_group(backend, x, group, adapters, options, cond, progress)):
+            raws[name] = decode_task(backend, y, adapters[name], framing)
+            latents[name] = y
+    return raws, latents, x
+
+
+def predict_merged(run: ensemble.PassFn, images: torch.Tensor, cond: torch.Tensor | None,
+                   adapters: Mapping[str, AdapterInfo], options: PredictOptions) -> ensemble.Passes:
+    """Several passes per image merged: a flip ensemble around `run`, tiles around that (if the images
+    are larger than a tile). Returns {name: (raw, uncertainty or None)}."""
+    tasks = {name: info.task for name, info in adapters.items()}
+    if options.ensemble == "flip":
+        run = functools.partial(ensemble.predict_flip, run, tasks=tasks)
+    layout = tile_layout_for(images.shape[-2:], options)
+    if layout is None:
+        return run(images, cond)
+    return tiling.predict_tiled(run, images, cond, tasks, layout, options.batch_size)
+
+
+def tile_layout_for(size: Sequence[int], options: PredictOptions) -> tiling.TileLayout | None:
+    """The tiles of images of `size` (H, W) under `options`, or None when they are not tiled."""
+    if not options.tile:
+        return None
+    return tiling.tile_layout(size[0], size[1], options.tile_size or options.processing_resolution,
+                              options.tile_overlap)
+
+
+def count_passes(count: int, size: Sequence[int], adapters: Mapping[str, AdapterInfo], options: PredictOptions
+                 ) -> int:
+    """UNet sampling runs (per adapter group) that `count` images of `size` take: for the progress total."""
+    chunks = math.ceil(count / options.batch_size)
+    layout = tile_layout_for(size, options)
+    if layout is None:
+        return chunks
+    aligning = any(get_codec(info.task).alignment is not None for info in adapters.values())
+    return chunks * aligning + count * math.ceil(len(layout.boxes) / options.batch_size)
+
+
 def predict_images(backend: PredictionBackend, images, adapters: Mapping[str, AdapterInfo],
                    options: PredictOptions | None = None, *, prompt: str | Sequence[str] | None = None,
                    prompt_embeds: torch.Tensor | None = None, return_latents: bool = False,
@@ -273,7 +365,9 @@ def predict_images(backend: PredictionBackend, images, adapters: Mapping[str, Ad
 
     Images stream through in chunks of ``options.batch_size``: each chunk is framed, encoded,
     sampled with every adapter, decoded and turned into the tasks' values before the next, so
-    memory beyond the results does not grow with the number of images (a video's frames).
+    memory beyond the results does not grow with the number of images (a video's frames). With
+    ``options.tile`` or ``options.ensemble`` each chunk takes several passes that are merged
+    (``predict_merged``: tiles in batches of batch_size, an image and its mirror in one batch).
 
     Args:
         backend: runs the networks (``PredictionBackend``).
@@ -302,31 +396,48 @@ def predict_images(backend: PredictionBackend, images, adapters: Mapping[str, Ad
     check_conditioning(adapters, count, prompt, prompt_embeds, empty)
     if prompt is not None and any(adapters[name].uses_prompts for name in adapters):
         prompt_embeds = backend.encode_prompts([prompt] if isinstance(prompt, str) else list(prompt))
-    progress = StepCounter(callback, options.steps * math.ceil(count / options.batch_size) * len(groups))
+    if return_latents and options.merges_passes:
+        raise ValueError("return_latents=True is not available with tile=True or ensemble='flip': the result "
+                         "merges several passes; predict without them to get the latents")
+    passes = count_passes(count, batch.shape[-2:], adapters, options)
+    progress = StepCounter(callback, options.steps * passes * len(groups))
     aligned = clip_aligners({name: info.task for name, info in adapters.items()}, options.temporal_alignment,
                             aligners)
     outputs: dict[str, dict[str, torch.Tensor]] = {name: {} for name in adapters}
     inputs: dict[str, torch.Tensor] = {}
+
+    def run(images: torch.Tensor, cond: torch.Tensor | None) -> ensemble.Passes:
+        return {name: (raw, None) for name, raw in
+                predict_pass(backend, images, cond, adapters, groups, options, progress)[0].items()}
+
     for start in range(0, count, options.batch_size):
-        # 2. Resize, pad and encode the chunk once for every adapter.        # [b, 3, Hp, Wp] in [-1, 1]
-        pixels, framing = frame_batch(batch[start:start + options.batch_size], options.processing_resolution)
-        x = backend.encode(pixels)                                             # [b, 4, h, w]
-        cond = chunk_rows(prompt_embeds, start, x.shape[0])
-        for group in groups:
-            # 3. Sample each group's latents, decode each task's values, align a clip's depth frames in order.
-            for name, y in zip(group, sample_group(backend, x, group, adapters, options, cond, progress)):
-                raw = decode_task(backend, y, adapters[name], framing)
-                store_rows(outputs[name], "raw", aligned[name](raw) if name in aligned else raw, start, count)
-                if return_latents:
+        # 2. Each chunk: framed and encoded once for every adapter, sampled, decoded to the tasks' values.
+        images = batch[start:start + options.batch_size]
+        cond = chunk_rows(prompt_embeds, start, images.shape[0])
+        if options.merges_passes:  # tiles and flip ensembles (tiling.py, ensemble.py)
+            merged = predict_merged(run, images, cond, adapters, options)
+            chunk_raws = {name: raw for name, (raw, _) in merged.items()}
+            for name, (_, uncertainty) in merged.items():
+                if uncertainty is not None:
+                    store_rows(outputs[name], "uncertainty", uncertainty.float(), start, count)
+        else:
+            chunk_raws, chunk_latents, x = predict_pass(backend, images, cond, adapters, groups, options, progress)
+            if return_latents:
+                store_rows(inputs, "x", x.float().cpu(), start, count)
+                for name, y in chunk_latents.items():
                     store_rows(outputs[name], "latents", y.float().cpu(), start, count)
-        if return_latents:
-            store_rows(inputs, "x", x.float().cpu(), start, count)
-    # 4. Previews of the whole batch (one colour range for all with visual_range "batch").
+        # 3. A clip's depth frames aligned in order (temporal.py).
+        for name, raw in chunk_raws.items():
+            store_rows(outputs[name], "raw", aligned[name](raw) if name in aligned else raw, start, count)
+    # 4. Previews of the whole batch (one colour range for all with visual_range "batch"), uncertainty maps.
     results = {}
     for name, info in adapters.items():
-        raw = outputs[name]["raw"]
+        raw, uncertainty = outputs[name]["raw"], outputs[name].get("uncertainty")
         results[name] = Prediction(name, info, raw, batch_visual(raw, info, options),
-                                   outputs[name].get("latents"), inputs.get("x"), options.visual_range)
+                                   outputs[name].get("latents"), inputs.get("x"), options.visual_range,
+                                   uncertainty=uncertainty,
+                                   uncertainty_visual=None if uncertainty is None else
+                                   ensemble.uncertainty_visual(info.task, uncertainty, raw))
     return results
 
 
