@@ -11,7 +11,7 @@ from . import comfy_bridge
 from .maps import (DMPDepthColorize, DMPDepthToControlNet, DMPIntrinsics, DMPNormalsToControlNet,
                    DMPSegmentation)
 from .adapters import DMPLoadAdapter
-from .predict import DMPPredict, DMPPredictTasks
+from .predict import DMPPredict, DMPPredictTasks, DMPUncertainty
 from .save import DMPSave
 
 comfy_bridge.register_model_folder()
@@ -20,6 +20,7 @@ NODE_CLASS_MAPPINGS = {
     "DMPLoadAdapter": DMPLoadAdapter,
     "DMPPredict": DMPPredict,
     "DMPPredictTasks": DMPPredictTasks,
+    "DMPUncertainty": DMPUncertainty,
     "DMPDepthToControlNet": DMPDepthToControlNet,
     "DMPDepthColorize": DMPDepthColorize,
     "DMPNormalsToControlNet": DMPNormalsToControlNet,
@@ -32,6 +33,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DMPLoadAdapter": "Load DMP Adapter",
     "DMPPredict": "DMP Predict",
     "DMPPredictTasks": "DMP Predict Tasks",
+    "DMPUncertainty": "DMP Uncertainty",
     "DMPDepthToControlNet": "DMP Depth → ControlNet",
     "DMPDepthColorize": "DMP Depth Colorize",
     "DMPNormalsToControlNet": "DMP Normals → ControlNet",

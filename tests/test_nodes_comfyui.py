@@ -63,7 +63,13 @@ out["shares_base"] = all(a.model.model is model.model for a in dmp_model.adapter
 images = torch.rand(2, 48, 64, 3, generator=torch.Generator().manual_seed(0))
 settings = dict(steps=2, sampler="ddim", spacing="leading", processing_resolution=64, batch_size=4)
 with torch.inference_mode():
-    visual, first = predict.predict(dmp_model, vae, clip, images, "depth", **settings)
+    visual, first, no_uncertainty, _ = predict.predict(dmp_model, vae, clip, images, "depth", **settings)
+out["no_uncertainty"] = type(no_uncertainty).__name__
+with torch.inference_mode():  # tiles of 32 px over 48 x 64 and a flip ensemble
+    flipped = predict.predict(dmp_model, vae, clip, images, "depth", **{**settings, "processing_resolution": 32},
+                              tile=True, ensemble="flip")
+out["flip_outputs"] = [[type(o).__name__, list(getattr(o, "shape", ()))] for o in flipped[::2] + flipped[3:]]
+out["flip_uncertainty"] = list(flipped[1].uncertainty.shape)
 out["visual"] = [list(visual.shape), str(visual.dtype), visual.device.type]
 adapter = dmp_model.adapters[0].model
 out["managed"] = any(m.model is adapter for m in mm.current_loaded_models)
@@ -122,7 +128,7 @@ def result(tmp_path_factory):
 
 def test_comfyui_loads_the_pack_and_its_folders(result):
     assert result["device"] == "cpu"  # --cpu
-    assert len(result["dmp_nodes"]) == 9
+    assert len(result["dmp_nodes"]) == 10
     assert result["dmp_paths"][0].endswith(os.path.join("models", "dmp")) and len(result["dmp_paths"]) == 2
     assert adapter_choice("depth") in [name.replace(os.sep, "/") for name in result["offered"]]
 
@@ -137,6 +143,12 @@ def test_adapters_patch_core_models_and_comfyui_manages_their_memory(result):
 def test_comfyui_interrupt_and_blocked_outputs(result):
     assert result["interrupted"] and result["works_after_interrupt"]
     assert result["blocked"][0] == "ExecutionBlocker" and "no segmentation adapter" in result["blocked"][1]
+
+
+def test_tiles_and_flip_ensembles_give_uncertainty_outputs_in_comfyui(result):
+    assert result["no_uncertainty"] == "ExecutionBlocker"  # without an ensemble: blocked, with a reason
+    assert result["flip_outputs"] == [["Tensor", [2, 48, 64, 3]], ["Tensor", [2, 48, 64, 3]], ["Tensor", [2, 48, 64]]]
+    assert result["flip_uncertainty"] == [2, 48, 64]
 
 
 def test_checked_in_core_node_table_matches_comfyui(result):

@@ -16,8 +16,8 @@ from comfy_stubs import stand_ins
 from comfy_stubs.model_files import ADAPTER_FILE, write_tiny_models
 
 ROOT = stand_ins.PACK_ROOT
-NODE_IDS = ("DMPLoadAdapter", "DMPPredict", "DMPPredictTasks", "DMPDepthToControlNet", "DMPDepthColorize",
-            "DMPNormalsToControlNet", "DMPSegmentation", "DMPIntrinsics", "DMPSave")
+NODE_IDS = ("DMPLoadAdapter", "DMPPredict", "DMPPredictTasks", "DMPUncertainty", "DMPDepthToControlNet",
+            "DMPDepthColorize", "DMPNormalsToControlNet", "DMPSegmentation", "DMPIntrinsics", "DMPSave")
 SOCKET_TYPES = {"DMP_MODEL", "DMP_PREDICTION", "IMAGE", "MASK", "CONDITIONING", "STRING", "MODEL", "VAE", "CLIP"}
 # What ComfyUI does not install: the pack must run without them (the engine's library path uses them).
 MODEL_LIBRARIES = ("diffusers", "peft", "transformers", "accelerate")
@@ -107,9 +107,11 @@ for name in ("depth-toy-notext", "normal-toy-notext", "segmentation-toy"):
     dmp_model = nodes["DMPLoadAdapter"]().load(model, name + "/pytorch_lora_weights.safetensors", 1.0,
                                                dmp_model=dmp_model)[0]
 images = torch.rand(2, 24, 32, 3, generator=torch.Generator().manual_seed(0))
-settings = dict(steps=2, sampler="ddim", spacing="leading", processing_resolution=0, batch_size=4)
-_visual, depth = nodes["DMPPredict"]().predict(dmp_model, vae, clip, images, "depth", prompt="a room", **settings)
-outputs = nodes["DMPPredictTasks"]().predict(dmp_model, vae, clip, images, **settings)
+settings = dict(steps=2, sampler="ddim", spacing="leading", processing_resolution=16, batch_size=4)
+_visual, depth, *_ = nodes["DMPPredict"]().predict(dmp_model, vae, clip, images, "depth", prompt="a room", **settings)
+outputs = nodes["DMPPredictTasks"]().predict(dmp_model, vae, clip, images, **settings, tile=True, tile_size=16,
+                                             ensemble="flip")
+nodes["DMPUncertainty"]().uncertainty(outputs[1])
 nodes["DMPDepthToControlNet"]().convert(depth, "percentile", False, 2.0, 85.0)
 nodes["DMPDepthColorize"]().colorize(depth, "Spectral", 2.0, 98.0, False)
 nodes["DMPNormalsToControlNet"]().convert(outputs[1], "auto", False, False, False)

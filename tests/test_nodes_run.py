@@ -156,7 +156,7 @@ def test_is_changed_follows_the_file(env):
 # Prediction on core's MODEL, VAE and CLIP -------------------------------------------------------
 
 def test_predict_equals_the_library_on_the_same_weights(env, images):
-    visual, prediction = predict(env, load(env, "depth"), images)
+    visual, prediction, *_uncertainty = predict(env, load(env, "depth"), images)
     expected = library_prediction(env, "depth", images)
     assert _is_image(visual, (2, 40, 56, 3)) and prediction.raw.shape == (2, 40, 56)
     span = float(expected.raw.max() - expected.raw.min())
@@ -164,6 +164,32 @@ def test_predict_equals_the_library_on_the_same_weights(env, images):
     assert float((prediction.raw - expected.raw).abs().max()) < 1e-4 * span
     # The colour map is a lookup table: a value on a bin edge may land in the next bin.
     assert float((visual - expected.visual).abs().mean()) < 1e-4
+
+
+def test_tiles_and_flip_ensembles_equal_the_library_with_uncertainty_outputs(env, images):
+    large = dict(processing_resolution=16, tile=True, tile_size=24, ensemble="flip")  # 40 x 56: 2 x 3 tiles
+    visual, prediction, uncertainty, mask = predict(env, load(env, "depth"), images, **large)
+    expected = library_prediction(env, "depth", images, **large)
+    span = float(expected.raw.max() - expected.raw.min())
+    assert float((prediction.raw - expected.raw).abs().max()) < 1e-4 * span
+    assert float((prediction.uncertainty - expected.uncertainty).abs().max()) < 1e-4 * span
+    assert float(prediction.uncertainty.max()) > 0  # the mirror disagrees somewhere on random images
+    assert _is_image(uncertainty, (2, 40, 56, 3)) and mask.shape == (2, 40, 56)
+    assert torch.equal(mask, uncertainty[..., 0])
+    assert float((uncertainty - expected.uncertainty_visual).abs().max()) < 1e-3
+    tasks = predict_tasks(env, load(env, "depth", "normal"), images, ensemble="flip")
+    image, tasks_mask = env.nodes["DMPUncertainty"]().uncertainty(tasks[1])
+    assert torch.equal(image, tasks[1].uncertainty_visual) and torch.equal(tasks_mask, image[..., 0])
+
+
+def test_without_an_ensemble_the_uncertainty_outputs_say_how_to_get_one(env, images):
+    _visual, prediction, uncertainty, mask = predict(env, load(env, "depth"), images)
+    for blocked in (uncertainty, mask):
+        assert isinstance(blocked, stand_ins.ExecutionBlocker) and "set ensemble to 'flip'" in blocked.message
+    with pytest.raises(ValueError, match="depth prediction has no uncertainty; set ensemble to 'flip'"):
+        env.nodes["DMPUncertainty"]().uncertainty(prediction)
+    with pytest.raises(ValueError, match="tile_overlap"):
+        predict(env, load(env, "depth"), images, tile=True, tile_overlap=0.9)
 
 
 def test_the_unet_is_called_in_the_models_compute_dtype_and_gives_float32(env):
