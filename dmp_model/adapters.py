@@ -23,6 +23,7 @@ import torch
 
 from .checkpoints import read_state_dict
 from .controlnet import NORMAL_CONVENTIONS
+from .options import check_option
 from .sampling import PREDICTION_TYPES
 from .tasks import TASKS
 
@@ -73,12 +74,6 @@ class AdapterInfo:
         check_option("normal_convention", self.normal_convention, NORMAL_CONVENTIONS)
         if not (isinstance(self.target_scale, (int, float)) and self.target_scale > 0):
             raise ValueError(f"target_scale must be a positive number, got {self.target_scale!r}")
-
-
-def check_option(argument: str, value, options: tuple) -> None:
-    """Raise a ValueError naming the argument, the bad value and the accepted options."""
-    if value not in options:
-        raise ValueError(f"{argument} must be one of {options}, got {value!r}")
 
 
 def infer_info_from_name(name: str) -> dict:

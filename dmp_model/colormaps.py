@@ -27,6 +27,8 @@ import numbers
 
 import torch
 
+from .options import check_option
+
 COLORMAPS = ("Spectral", "inferno", "turbo", "viridis", "gray")
 # Where normalisation ranges come from: each image, the whole batch (a clip), or given values.
 RANGE_MODES = ("image", "batch", "fixed")
@@ -76,8 +78,7 @@ _STOPS: dict[str, tuple[tuple[float, float, float], ...]] = {
 
 
 def _check_name(name: str) -> None:
-    if name not in COLORMAPS:
-        raise ValueError(f"name must be one of {COLORMAPS}, got {name!r}")
+    check_option("name", name, COLORMAPS)
 
 
 @functools.cache
@@ -222,8 +223,7 @@ def value_range(
     Returns:
         (low, high), float32 tensors [B].
     """
-    if range_mode not in RANGE_MODES:
-        raise ValueError(f"range_mode must be one of {RANGE_MODES}, got {range_mode!r}")
+    check_option("range_mode", range_mode, RANGE_MODES)
     if range_mode == "image":
         return per_image_percentiles(values, low_pct, high_pct)
     if range_mode == "batch":

@@ -15,6 +15,7 @@ import numbers
 
 import torch
 
+from .options import check_option
 from .colormaps import RANGE_MODES, normalize, normalize_between, value_range
 from .palettes import paint
 
@@ -68,10 +69,8 @@ def depth_to_control(
         raise TypeError(f"depth must be a floating-point torch.Tensor, got {_describe(depth)}")
     if depth.ndim != 3:
         raise ValueError(f"depth must have shape [B, H, W], got {tuple(depth.shape)}")
-    if mode not in DEPTH_CONTROL_MODES:
-        raise ValueError(f"mode must be one of {DEPTH_CONTROL_MODES}, got {mode!r}")
-    if range_mode not in RANGE_MODES:
-        raise ValueError(f"range_mode must be one of {RANGE_MODES}, got {range_mode!r}")
+    check_option("mode", mode, DEPTH_CONTROL_MODES)
+    check_option("range_mode", range_mode, RANGE_MODES)
     fixed = _near_far(near, far) if range_mode == "fixed" else None
     if not bool(depth.isfinite().all()):
         raise ValueError("depth must be finite, got NaN or infinite values")
@@ -109,8 +108,7 @@ def convert_normals(normals: torch.Tensor, source: str, target: str) -> torch.Te
     """
     _check_normals(normals, "normals")
     for arg, value in (("source", source), ("target", target)):
-        if value not in NORMAL_CONVENTIONS:
-            raise ValueError(f"{arg} must be one of {NORMAL_CONVENTIONS}, got {value!r}")
+        check_option(arg, value, NORMAL_CONVENTIONS)
     signs = [s * t for s, t in zip(_NORMAL_AXIS_SIGNS[source], _NORMAL_AXIS_SIGNS[target])]
     return normals * torch.tensor(signs, dtype=normals.dtype, device=normals.device)
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from .options import check_option
 from .checkpoints import CheckpointError, check_sd1, infer_sd1_configs, read_key_shapes, read_state_dict
 
 logger = logging.getLogger(__name__)
@@ -65,8 +66,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     """fp16 on accelerators for 'auto', fp32 on the CPU; fp16 on the CPU falls back to fp32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_option("precision", precision, PRECISIONS)
     if precision == "auto":
         return torch.float16 if device.type in ("cuda", "mps") else torch.float32
     if precision == "fp16" and device.type == "cpu":

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .options import check_option
+
 PALETTES = ("dmp", "ade20k")
 NUM_CLASSES = 150
 
@@ -54,8 +56,7 @@ def _name_to_id() -> dict[str, int]:
 
 
 def _check_palette_name(value: str, arg: str = "palette_name") -> None:
-    if value not in PALETTES:
-        raise ValueError(f"{arg} must be one of {PALETTES}, got {value!r}")
+    check_option(arg, value, PALETTES)
 
 
 def palette(name: str) -> torch.Tensor:

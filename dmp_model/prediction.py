@@ -22,8 +22,9 @@ from typing import Protocol
 import torch
 
 from . import ensemble, tiling
-from .adapters import AdapterInfo, check_option
+from .adapters import AdapterInfo
 from .colormaps import COLORMAPS, batch_percentiles
+from .options import check_option
 from .imageproc import Framing, frame_batch, processing_size, to_image_batch, unframe
 from .sampling import (FINAL_OUTPUTS, PREDICTION_TYPES, SAMPLERS, Denoiser, Schedule, get_timesteps,
                        sample_dmp)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .options import check_option, option_error
+
 logger = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
@@ -73,7 +75,7 @@ def betas_for_schedule(name: str, num_train_timesteps: int, beta_start: float, b
         steps = range(num_train_timesteps)
         return torch.tensor([min(1 - alpha_bar((i + 1) / num_train_timesteps) / alpha_bar(i / num_train_timesteps),
                                  0.999) for i in steps], dtype=torch.float32)
-    raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {name!r}")
+    raise option_error("beta_schedule", name, BETA_SCHEDULES)
 
 
 def schedule_from_config(scheduler_config: dict) -> Schedule:
@@ -123,7 +125,7 @@ def get_timesteps(
         # Same arithmetic as diffusers' DDIMScheduler (numpy, round half to even).
         points = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps))
         return [int(v) - 1 for v in points]
-    raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    raise option_error("spacing", spacing, SPACINGS)
 
 
 def previous_alpha(
@@ -154,7 +156,7 @@ def training_target(
         return x
     if prediction_type == "sample":
         return y
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    raise option_error("prediction_type", prediction_type, PREDICTION_TYPES)
 
 
 def expand_alpha(alphas_cumprod: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -187,7 +189,7 @@ def split_prediction(
         y_hat = model_output
         x_hat = (z - sqrt_a * y_hat) / sqrt_1ma
     else:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        raise option_error("prediction_type", prediction_type, PREDICTION_TYPES)
     return y_hat, (x if x is not None else x_hat)
 
 
@@ -230,8 +232,7 @@ def sample_dmp(
     Returns:
         prediction latents [B, 4, h, w].
     """
-    if final_output not in FINAL_OUTPUTS:
-        raise ValueError(f"final_output must be one of {FINAL_OUTPUTS}, got {final_output!r}")
+    check_option("final_output", final_output, FINAL_OUTPUTS)
     num_steps = len(timesteps)
     alphas_cumprod = schedule.alphas_cumprod.to(x.device)
     final_alpha = schedule.final_alpha.to(x.device)

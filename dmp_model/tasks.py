@@ -38,6 +38,7 @@ import torch
 
 from . import colormaps, controlnet, palettes
 from .imageproc import resize as resize_images
+from .options import check_option
 
 if TYPE_CHECKING:  # adapters.py imports TASKS from here
     from .adapters import AdapterInfo
@@ -273,6 +274,5 @@ _CODECS = {codec.name: codec for codec in
 
 def get_codec(task: str):
     """The codec of a task in TASKS."""
-    if task not in _CODECS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    check_option("task", task, TASKS)
     return _CODECS[task]

@@ -55,6 +55,7 @@ from collections.abc import Mapping
 import torch
 
 from .alignment import fit_scale, fit_scale_shift
+from .options import check_option
 
 TEMPORAL_TASKS = ("depth",)
 TEMPORAL_FITS = ("scale", "scale_shift")
@@ -103,8 +104,7 @@ class TemporalAligner:
     def __init__(self, strength: float = 1.0, momentum: float = DEFAULT_MOMENTUM, fit: str = "scale"):
         self.strength = _check_unit_interval("strength", strength)
         self.momentum = _check_unit_interval("momentum", momentum, upper_open=True)
-        if fit not in TEMPORAL_FITS:
-            raise ValueError(f"fit must be one of {TEMPORAL_FITS}, got {fit!r}")
+        check_option("fit", fit, TEMPORAL_FITS)
         self.fit = fit
         self.reference: torch.Tensor | None = None
         self.size: tuple[int, int] | None = None

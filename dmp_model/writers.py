@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from .options import check_option
+
 DEPTH_PNG_ENCODINGS = ("millimeters", "normalized")
 
 _UINT16_MAX = 65535
@@ -82,8 +84,7 @@ def write_depth_png16(
         the path written.
     """
     _check_array(depth, path, "depth", (2,))
-    if encoding not in DEPTH_PNG_ENCODINGS:
-        raise ValueError(f"encoding must be one of {DEPTH_PNG_ENCODINGS}, got {encoding!r}")
+    check_option("encoding", encoding, DEPTH_PNG_ENCODINGS)
     d = depth.astype(np.float64)
     info = PngImagePlugin.PngInfo()
     info.add_text(_KEY_ENCODING, encoding)
@@ -245,8 +246,7 @@ def raw_formats(task: str) -> tuple[str, ...]:
 
 def check_raw(task: str, raw: np.ndarray, file_format: str, path: str | os.PathLike = "") -> None:
     """Raise before writing anything if `raw` cannot be written as `file_format` (see ``write_raw``)."""
-    if file_format not in RAW_FORMATS:
-        raise ValueError(f"file format must be one of {RAW_FORMATS}, got {file_format!r}")
+    check_option("file format", file_format, RAW_FORMATS)
     if file_format not in raw_formats(task):
         raise ValueError(f"a {task} prediction cannot be saved as {file_format}; use one of {raw_formats(task)}")
     if file_format == "exr" and not exr_available():

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ..dmp_model.adapters import AdapterInfo, adapter_name_for, portable_lora_state_dict, read_adapter, resolve_info
 from ..dmp_model.checkpoints import CheckpointError
+from ..dmp_model.options import check_option
 from ..dmp_model.tasks import TASKS
 from . import comfy_bridge as bridge
 from .common import CATEGORY
@@ -54,8 +55,7 @@ class DMPAdapters:
 
     def adapter_for(self, task: str) -> LoadedAdapter:
         """The first adapter of `task` ('auto': the first adapter); raises listing what there is."""
-        if task not in TASK_CHOICES:
-            raise ValueError(f"task must be one of {TASK_CHOICES}, got {task!r}")
+        check_option("task", task, TASK_CHOICES)
         found = self.adapters[0] if task == "auto" else self.find(task)
         if found is None:
             raise ValueError(f"the DMP model has no {task} adapter (it has: {self.describe()}); add one with "
@@ -77,8 +77,7 @@ class DMPAdapters:
 
 def load_adapter(model, path: str, strength: float, task: str = "auto") -> tuple[AdapterInfo, bridge.PatchedLoRA]:
     """Read an adapter file (any layout), resolve its facts, and patch a clone of `model` with it."""
-    if task not in TASK_CHOICES:
-        raise ValueError(f"task must be one of {TASK_CHOICES}, got {task!r}")
+    check_option("task", task, TASK_CHOICES)
     try:
         tensors, metadata, file = read_adapter(path)
     except CheckpointError as err:  # ComfyUI shows an exception's module path: a file path for this pack

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..dmp_model import colormaps, controlnet, palettes
 from ..dmp_model.colormaps import COLORMAPS, RANGE_MODES
 from ..dmp_model.controlnet import DEPTH_CONTROL_MODES, NORMAL_CONVENTIONS
+from ..dmp_model.options import check_option
 from ..dmp_model.palettes import ADE20K_CLASSES, PALETTES
 from ..dmp_model.tasks import get_codec
 from . import comfy_bridge as bridge
@@ -37,8 +38,7 @@ def _range_inputs() -> dict:
 
 
 def _range_mode(prediction, range_mode: str) -> str:
-    if range_mode not in DEPTH_RANGES:
-        raise ValueError(f"range_mode must be one of {DEPTH_RANGES}, got {range_mode!r}")
+    check_option("range_mode", range_mode, DEPTH_RANGES)
     return prediction.visual_range if range_mode == "auto" else range_mode
 
 

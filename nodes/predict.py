@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..dmp_model.ensemble import ENSEMBLES
+from ..dmp_model.options import check_option
 from ..dmp_model.prediction import DEFAULT_GUIDANCE, PredictOptions, predict_images
 from ..dmp_model.sampling import SAMPLERS, SPACINGS
 from . import comfy_bridge as bridge
@@ -106,8 +107,7 @@ def _optional_inputs() -> dict:
 def _options(steps, sampler, spacing, processing_resolution, batch_size, guidance_scale, batch_kind="images",
              temporal_alignment=1.0, tile=DEFAULTS.tile, tile_size=DEFAULTS.tile_size,
              tile_overlap=DEFAULTS.tile_overlap, ensemble=DEFAULTS.ensemble) -> PredictOptions:
-    if batch_kind not in BATCH_KINDS:
-        raise ValueError(f"batch_kind must be one of {BATCH_KINDS}, got {batch_kind!r}")
+    check_option("batch_kind", batch_kind, BATCH_KINDS)
     video = batch_kind == "video"
     return PredictOptions(steps=steps, sampler=sampler, spacing=spacing, batch_size=batch_size,
                           processing_resolution=processing_resolution, guidance_scale=float(guidance_scale),

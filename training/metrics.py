@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from dmp_model.adapters import check_option
+from dmp_model.options import check_option
 from dmp_model.alignment import apply_scale_shift, fit_scale_shift
 from dmp_model.palettes import NUM_CLASSES
 
@@ -50,8 +50,7 @@ class TaskMetrics:
     """Sums over pixels for one task; ``update`` per batch of raw predictions, ``compute`` at the end."""
 
     def __init__(self, task: str, depth_alignment: str = "none"):
-        if task not in METRICS:
-            raise ValueError(f"task must be one of {tuple(METRICS)}, got {task!r}")
+        check_option("task", task, tuple(METRICS))
         check_option("depth_alignment", depth_alignment, DEPTH_ALIGNMENTS)
         self.task, self.depth_alignment = task, depth_alignment
         self.sums: dict[str, float] = {}
