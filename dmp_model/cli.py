@@ -32,6 +32,7 @@ from .imageproc import IMAGE_EXTENSIONS, list_images, load_image
 from .loading import PRECISIONS
 from .sampling import FINAL_OUTPUTS, SAMPLERS, SPACINGS
 from .video import VIDEO_EXTENSIONS, is_video, require_av
+from .writers import prediction_paths, write_prediction
 
 logger = logging.getLogger("dmp")
 
@@ -125,36 +126,6 @@ def _shard(files: list[Path]) -> tuple[list[Path], int, int, str]:
     except ImportError:
         rank, world, device = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), "auto"
     return files[rank::world], rank, world, device
-
-
-_PNG_SUFFIX = {"depth": "_depth16.png", "segmentation": "_classes.png"}
-
-
-def prediction_paths(task: str, stem: Path, folder: Path, formats: Sequence[str],
-                     uncertainty: bool = False) -> dict[str, Path]:
-    """The files one image's prediction is written to, in writing order (the last one marks it done)."""
-    base = folder / stem
-    suffixes = {"npy": ".npy", "png": _PNG_SUFFIX.get(task), "exr": ".exr"}
-    paths = {f: base.with_name(base.name + suffixes[f]) for f in writers.raw_formats(task) if f in formats}
-    if uncertainty:
-        paths.update({f"uncertainty_{ext}": base.with_name(f"{base.name}_uncertainty.{ext}") for ext in ("npy", "png")})
-    if "visual" in formats:
-        paths["visual"] = base.with_name(base.name + "_visual.png")
-    return paths
-
-
-def write_prediction(prediction, index: int, paths: dict[str, Path]) -> None:
-    """Write one image of a Prediction to `paths` (from ``prediction_paths``), each file atomically."""
-    raw = prediction.raw[index].numpy()
-    for file_format, path in paths.items():
-        if file_format == "visual":
-            writers.write_png8(path, prediction.visual[index].numpy())
-        elif file_format == "uncertainty_npy":
-            writers.write_npy(path, prediction.uncertainty[index].numpy())
-        elif file_format == "uncertainty_png":
-            writers.write_png8(path, prediction.uncertainty_visual[index].numpy())
-        else:
-            writers.write_raw(path, prediction.task, raw, file_format)
 
 
 def _image_batches(files: Sequence[Path], batch_size: int, failed: list[Path]):

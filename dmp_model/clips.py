@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from .adapters import AdapterInfo
-from .cli import prediction_paths, write_prediction
 from .prediction import PredictionBackend, PredictOptions, predict_images, visual_settings
 from .tasks import get_codec
 from .temporal import TemporalAligner, clip_aligners
 from .video import VideoInfo, probe_video, read_frames, write_video
+from .writers import prediction_paths, write_prediction
 
 logger = logging.getLogger("dmp")
 

@@ -304,7 +304,7 @@ def decode_task(backend: PredictionBackend, y: torch.Tensor, info: AdapterInfo, 
     """Prediction latents [b, 4, h, w] -> the task's raw values at the input size, on the CPU."""
     codec = get_codec(info.task)
     decoded = unframe(backend.decode(y), framing)                          # [b, 3, h', w']
-    return codec.resize(codec.decode(decoded, info), framing.input_size).cpu()
+    return codec.resize(codec.decode(decoded, info.target_scale), framing.input_size).cpu()
 
 
 def predict_pass(backend: PredictionBackend, images: torch.Tensor, cond: torch.Tensor | None,

@@ -12,6 +12,9 @@ it, ``decode`` reads it) and the task's natural unit on the other:
 | shading      | relative shading in [0, 1]             | [B, H, W]     |
 | rgb          | any RGB target in [0, 1]               | [B, H, W, 3]  |
 
+``encode_target(values, target_scale)`` and ``decode(decoded, target_scale)`` take the adapter's
+``target_scale`` (metres encoded as white; only depth uses it, the other codecs ignore it).
+
 ``resize`` brings a raw prediction back to the input size the way its values allow (class ids
 by nearest neighbour, normals renormalised); ``visualize`` makes a float [B, H, W, 3] preview.
 
@@ -32,16 +35,11 @@ scale per task (``uncertainty_scale`` is white), so that a confident image stays
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from . import colormaps, controlnet, palettes
 from .imageproc import resize as resize_images
 from .options import check_option
-
-if TYPE_CHECKING:  # adapters.py imports TASKS from here
-    from .adapters import AdapterInfo
 
 TASKS = ("depth", "normal", "segmentation", "albedo", "shading", "rgb")
 
@@ -113,14 +111,14 @@ class DepthCodec(_MergeRules):
         relative = uncertainty.float() / raw.float().clamp_min(1e-6)
         return (relative / self.uncertainty_scale).clamp(0, 1)
 
-    def encode_target(self, depth: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
-        """Depth in metres [B, H, W] -> [B, 3, H, W] in [-1, 1] (for depth <= info.target_scale)."""
-        grey = depth.float() / info.target_scale * 2 - 1
+    def encode_target(self, depth: torch.Tensor, target_scale: float = 1.0) -> torch.Tensor:
+        """Depth in metres [B, H, W] -> [B, 3, H, W] in [-1, 1] (for depth <= target_scale metres)."""
+        grey = depth.float() / target_scale * 2 - 1
         return grey.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
 
-    def decode(self, decoded: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
-        """Mean over RGB, /2 + 0.5, clamp at 0, times info.target_scale: metres [B, H, W]."""
-        return (decoded.float().mean(dim=1) / 2 + 0.5).clamp(min=0) * info.target_scale
+    def decode(self, decoded: torch.Tensor, target_scale: float = 1.0) -> torch.Tensor:
+        """Mean over RGB, /2 + 0.5, clamp at 0, times target_scale: metres [B, H, W]."""
+        return (decoded.float().mean(dim=1) / 2 + 0.5).clamp(min=0) * target_scale
 
     def resize(self, depth: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return resize_images(depth.unsqueeze(1), size).squeeze(1).clamp(min=0)
@@ -163,11 +161,11 @@ class NormalCodec(_MergeRules):
         cosine = (members.float() * merged).sum(-1).clamp(-1, 1)
         return merged, torch.rad2deg(torch.acos(cosine)).mean(0)
 
-    def encode_target(self, normals: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
+    def encode_target(self, normals: torch.Tensor, target_scale: float = 1.0) -> torch.Tensor:
         """Unit normals [B, H, W, 3] -> [B, 3, H, W] in [-1, 1]."""
         return _to_channels_first(normals.float()).contiguous()
 
-    def decode(self, decoded: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
+    def decode(self, decoded: torch.Tensor, target_scale: float = 1.0) -> torch.Tensor:
         """n = 2 * rgb - 1, renormalised: unit vectors [B, H, W, 3]."""
         return controlnet.rgb_to_normals(_to_channels_last(decoded.float() / 2 + 0.5))
 
@@ -196,11 +194,11 @@ class SegmentationCodec(_MergeRules):
         share = agree.gather(0, best)[0].float() / members.shape[0]
         return members.gather(0, best)[0], 1 - share
 
-    def encode_target(self, class_ids: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
+    def encode_target(self, class_ids: torch.Tensor, target_scale: float = 1.0) -> torch.Tensor:
         """Class ids [B, H, W] -> [B, 3, H, W] in [-1, 1]."""
         return _to_channels_first(palettes.paint(class_ids, "dmp")) * 2 - 1
 
-    def decode(self, decoded: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
+    def decode(self, decoded: torch.Tensor, target_scale: float = 1.0) -> torch.Tensor:
         """Nearest DMP palette colour: class ids int64 [B, H, W]."""
         return palettes.snap_to_palette(_unit_range(decoded), "dmp")
 
@@ -219,11 +217,11 @@ class AlbedoCodec(_MergeRules):
     def project(self, values: torch.Tensor) -> torch.Tensor:
         return values.clamp(0, 1)
 
-    def encode_target(self, albedo: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
+    def encode_target(self, albedo: torch.Tensor, target_scale: float = 1.0) -> torch.Tensor:
         """RGB [B, H, W, 3] (any range) -> [B, 3, H, W] in [-1, 1]."""
         return _to_channels_first(_minmax(albedo.float())) * 2 - 1
 
-    def decode(self, decoded: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
+    def decode(self, decoded: torch.Tensor, target_scale: float = 1.0) -> torch.Tensor:
         return _unit_range(decoded)
 
     def resize(self, albedo: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -244,12 +242,12 @@ class ShadingCodec(_MergeRules):
     def project(self, values: torch.Tensor) -> torch.Tensor:
         return values.clamp(0, 1)
 
-    def encode_target(self, shading: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
+    def encode_target(self, shading: torch.Tensor, target_scale: float = 1.0) -> torch.Tensor:
         """Grey [B, H, W] or RGB [B, H, W, 3] (averaged) -> [B, 3, H, W] in [-1, 1]."""
         grey = shading.float().mean(dim=-1) if shading.ndim == 4 else shading.float()
         return (_minmax(grey) * 2 - 1).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
 
-    def decode(self, decoded: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
+    def decode(self, decoded: torch.Tensor, target_scale: float = 1.0) -> torch.Tensor:
         return (decoded.float().mean(dim=1) / 2 + 0.5).clamp(0, 1)
 
     def resize(self, shading: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -264,7 +262,7 @@ class RGBCodec(AlbedoCodec):
 
     name = "rgb"
 
-    def encode_target(self, rgb: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
+    def encode_target(self, rgb: torch.Tensor, target_scale: float = 1.0) -> torch.Tensor:
         return _to_channels_first(rgb.float().clamp(0, 1)) * 2 - 1
 
 

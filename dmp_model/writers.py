@@ -12,7 +12,7 @@ import contextlib
 import importlib.util
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -278,3 +278,33 @@ def write_raw(path: str | os.PathLike, task: str, raw: np.ndarray, file_format: 
         return write_depth_png16(path, raw, depth_png_encoding)
     values = raw.astype(np.float32)
     return write_npy(path, values) if file_format == "npy" else write_exr(path, values)
+
+
+_PNG_SUFFIX = {"depth": "_depth16.png", "segmentation": "_classes.png"}
+
+
+def prediction_paths(task: str, stem: Path, folder: Path, formats: Sequence[str],
+                     uncertainty: bool = False) -> dict[str, Path]:
+    """The files one image's prediction is written to, in writing order (the last one marks it done)."""
+    base = folder / stem
+    suffixes = {"npy": ".npy", "png": _PNG_SUFFIX.get(task), "exr": ".exr"}
+    paths = {f: base.with_name(base.name + suffixes[f]) for f in raw_formats(task) if f in formats}
+    if uncertainty:
+        paths.update({f"uncertainty_{ext}": base.with_name(f"{base.name}_uncertainty.{ext}") for ext in ("npy", "png")})
+    if "visual" in formats:
+        paths["visual"] = base.with_name(base.name + "_visual.png")
+    return paths
+
+
+def write_prediction(prediction, index: int, paths: dict[str, Path]) -> None:
+    """Write one image of a Prediction to `paths` (from ``prediction_paths``), each file atomically."""
+    raw = prediction.raw[index].numpy()
+    for file_format, path in paths.items():
+        if file_format == "visual":
+            write_png8(path, prediction.visual[index].numpy())
+        elif file_format == "uncertainty_npy":
+            write_npy(path, prediction.uncertainty[index].numpy())
+        elif file_format == "uncertainty_png":
+            write_png8(path, prediction.uncertainty_visual[index].numpy())
+        else:
+            write_raw(path, prediction.task, raw, file_format)

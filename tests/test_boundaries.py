@@ -116,3 +116,54 @@ def test_the_ast_checks_do_catch_print_and_unsafe_loads():
 def test_torch_load_is_used_somewhere_so_the_check_means_something():
     calls = [n for p in SOURCES for n in ast.walk(parse(p)) if is_torch_load(n)]
     assert calls and all(weights_only_true(n) for n in calls)
+
+
+def internal_imports(path: Path, package: str) -> set[str]:
+    """The modules of `package` (top-level names, e.g. "tasks") that a file imports anywhere in it:
+    relative or absolute, at module level, under TYPE_CHECKING or inside functions."""
+    found = set()
+    for node in ast.walk(parse(path)):
+        if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").split(".")[0] == package):
+            module = (node.module or "").removeprefix(package).lstrip(".") if node.level == 0 else node.module
+            found |= {module.split(".")[0]} if module else {alias.name for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith(package + ".")}
+    return found
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle ([a, b, ..., a]) of a module -> imported modules graph, or None (depth-first)."""
+    state: dict[str, str] = {}  # "open" while on the current path, "done" once fully explored
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                return path[path.index(target):] + [target]
+            if target not in state and (cycle := visit(target, path + [target])):
+                return cycle
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return None
+
+
+@pytest.mark.parametrize("package", ["dmp_model", "training"])
+def test_no_import_cycles_among_the_package_modules(package):
+    modules = {p.stem: p for p in (ROOT / package).glob("*.py")}
+    graph = {name: internal_imports(path, package) & modules.keys() - {name} for name, path in modules.items()}
+    assert graph["adapters"] if package == "dmp_model" else graph["trainer"]  # the graph is not empty
+    assert find_cycle(graph) is None, f"{package} modules import each other in a cycle: {find_cycle(graph)}"
+
+
+def test_the_cycle_check_does_catch_cycles(tmp_path):
+    (tmp_path / "a.py").write_text("from .b import X\n")
+    (tmp_path / "b.py").write_text("def f():\n    from . import c\n")
+    (tmp_path / "c.py").write_text("from pkg.a import Y\n")
+    graph = {p.stem: internal_imports(p, "pkg") for p in sorted(tmp_path.glob("*.py"))}
+    assert graph == {"a": {"b"}, "b": {"c"}, "c": {"a"}}
+    assert find_cycle(graph) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None

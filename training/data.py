@@ -395,7 +395,7 @@ def encode_raw_target(raw: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
     """
     if info.task == "depth":
         raw = raw.clamp(0, info.target_scale)
-    return get_codec(info.task).encode_target(raw, info)
+    return get_codec(info.task).encode_target(raw, info.target_scale)
 
 
 def encode_target(raw: torch.Tensor, config: TrainConfig) -> torch.Tensor:
