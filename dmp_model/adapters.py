@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from .checkpoints import read_state_dict
-from .controlnet import NORMAL_CONVENTIONS
+from .normals import NORMAL_CONVENTIONS
 from .options import check_option
 from .sampling import PREDICTION_TYPES
 from .tasks import TASKS

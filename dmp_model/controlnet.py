@@ -1,11 +1,12 @@
-"""ControlNet-ready condition maps from DMP predictions: one place per convention.
+"""ControlNet-ready condition maps from DMP predictions: one place per ControlNet convention.
 
 - Depth for ``control_v11f1p_sd15_depth``: grey, near is white.
 - Normals for ``control_v11p_sd15_normalbae``: rgb = (n + 1) / 2 in the BAE frame (x toward
   image left, y up, z toward the viewer); a wall facing the camera is (0.5, 0.5, 1), a floor green.
 - Segmentation for ``control_v11p_sd15_seg``: class ids painted with the standard ADE20K palette.
 
-All maps are channels-last float32 [B, H, W, 3] in [0, 1], on the input's device.
+All maps are channels-last float32 [B, H, W, 3] in [0, 1], on the input's device. The camera
+conventions of normals, and converting between them, live in ``normals.py``.
 """
 
 from __future__ import annotations
@@ -15,23 +16,18 @@ import numbers
 
 import torch
 
-from .options import check_option
+from .normals import NORMAL_CONVENTIONS, convert_normals, normals_to_rgb, rgb_to_normals
+from .options import check_option, describe_value
 from .colormaps import RANGE_MODES, normalize, normalize_between, value_range
 from .palettes import paint
 
-DEPTH_CONTROL_MODES = ("percentile", "disparity")
+__all__ = ["DEPTH_CONTROL_MODES", "NORMAL_CONVENTIONS", "convert_normals", "depth_to_control", "normals_to_control",
+           "normals_to_rgb", "rgb_to_normals", "segmentation_to_control"]  # the normal names: kept importable
 
-# Per-axis signs taking each convention's normals into the BAE frame (and back: signs are +-1).
-_NORMAL_AXIS_SIGNS: dict[str, tuple[float, float, float]] = {
-    "omnidata": (-1.0, -1.0, -1.0),  # OpenCV camera frame: x right, y down, z into the scene
-    "bae": (1.0, 1.0, 1.0),  # ControlNet normalbae: x toward image left, y up, z toward viewer
-    "marigold": (-1.0, 1.0, 1.0),  # x right, y up, z toward the viewer
-}
-NORMAL_CONVENTIONS = tuple(_NORMAL_AXIS_SIGNS)
+DEPTH_CONTROL_MODES = ("percentile", "disparity")
 
 # Depth floor (metres) before taking 1 / z, so zero depth (DMP clamps at 0) stays finite.
 _MIN_DEPTH = 1e-3
-_NORMAL_EPS = 1e-12
 
 
 def depth_to_control(
@@ -66,7 +62,7 @@ def depth_to_control(
         constant-depth image, per image or batch) gives v = 0 everywhere (1 with invert), never NaN.
     """
     if not isinstance(depth, torch.Tensor) or not depth.is_floating_point():
-        raise TypeError(f"depth must be a floating-point torch.Tensor, got {_describe(depth)}")
+        raise TypeError(f"depth must be a floating-point torch.Tensor, got {describe_value(depth)}")
     if depth.ndim != 3:
         raise ValueError(f"depth must have shape [B, H, W], got {tuple(depth.shape)}")
     check_option("mode", mode, DEPTH_CONTROL_MODES)
@@ -94,50 +90,6 @@ def _near_far(near, far) -> tuple[float, float]:
         raise ValueError(f"near and far must be depths in metres with 0 < near < far for range_mode 'fixed', "
                          f"got near={near!r}, far={far!r}")
     return float(near), float(far)
-
-
-def convert_normals(normals: torch.Tensor, source: str, target: str) -> torch.Tensor:
-    """Express normals given in one camera convention in another (per-axis sign flips).
-
-    Args:
-        normals: float tensor [B, H, W, 3] of normal vectors in the ``source`` convention.
-        source, target: each one of NORMAL_CONVENTIONS.
-
-    Returns:
-        tensor [B, H, W, 3] of normals in the ``target`` convention, same dtype.
-    """
-    _check_normals(normals, "normals")
-    for arg, value in (("source", source), ("target", target)):
-        check_option(arg, value, NORMAL_CONVENTIONS)
-    signs = [s * t for s, t in zip(_NORMAL_AXIS_SIGNS[source], _NORMAL_AXIS_SIGNS[target])]
-    return normals * torch.tensor(signs, dtype=normals.dtype, device=normals.device)
-
-
-def normals_to_rgb(normals: torch.Tensor) -> torch.Tensor:
-    """rgb = (n + 1) / 2, clamped to [0, 1] (no change of convention).
-
-    Args:
-        normals: float tensor [B, H, W, 3], unit normals (components in [-1, 1]).
-
-    Returns:
-        tensor [B, H, W, 3] in [0, 1], same dtype.
-    """
-    _check_normals(normals, "normals")
-    return ((normals + 1) / 2).clamp(0.0, 1.0)
-
-
-def rgb_to_normals(rgb: torch.Tensor) -> torch.Tensor:
-    """n = 2 * rgb - 1, renormalised to unit length; zero vectors stay zero (finite).
-
-    Args:
-        rgb: float tensor [B, H, W, 3] in [0, 1].
-
-    Returns:
-        tensor [B, H, W, 3] of unit (or zero) vectors, same dtype.
-    """
-    _check_normals(rgb, "rgb")
-    n = 2 * rgb - 1
-    return n / n.norm(dim=-1, keepdim=True).clamp_min(_NORMAL_EPS)
 
 
 def normals_to_control(
@@ -179,17 +131,3 @@ def segmentation_to_control(ids: torch.Tensor) -> torch.Tensor:
         float32 tensor [B, H, W, 3], RGB in [0, 1].
     """
     return paint(ids, "ade20k")
-
-
-def _check_normals(value: torch.Tensor, arg: str) -> None:
-    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-        raise TypeError(f"{arg} must be a floating-point torch.Tensor, got {_describe(value)}")
-    if value.ndim != 4 or value.shape[-1] != 3:
-        raise ValueError(f"{arg} must have shape [B, H, W, 3], got {tuple(value.shape)}")
-
-
-def _describe(value: object) -> str:
-    """Short description of a bad argument for error messages."""
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return f"{type(value).__name__} {value!r}"[:120]

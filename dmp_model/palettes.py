@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .options import check_option
+from .options import check_option, describe_value
 
 PALETTES = ("dmp", "ade20k")
 NUM_CLASSES = 150
@@ -84,7 +84,7 @@ def srgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
         -128..128. White gives (100, 0, 0).
     """
     if not isinstance(rgb, torch.Tensor) or not rgb.is_floating_point():
-        raise TypeError(f"rgb must be a floating-point torch.Tensor, got {_describe(rgb)}")
+        raise TypeError(f"rgb must be a floating-point torch.Tensor, got {describe_value(rgb)}")
     if rgb.ndim == 0 or rgb.shape[-1] != 3:
         raise ValueError(f"rgb must have shape [..., 3], got {tuple(rgb.shape)}")
     x = rgb if rgb.dtype in (torch.float32, torch.float64) else rgb.float()
@@ -130,7 +130,7 @@ def snap_to_palette(rgb: torch.Tensor, palette_name: str = "dmp") -> torch.Tenso
         int64 tensor [B, H, W] of class ids in 0..149, on rgb's device.
     """
     if not isinstance(rgb, torch.Tensor) or not rgb.is_floating_point():
-        raise TypeError(f"rgb must be a floating-point torch.Tensor, got {_describe(rgb)}")
+        raise TypeError(f"rgb must be a floating-point torch.Tensor, got {describe_value(rgb)}")
     if rgb.ndim != 4 or rgb.shape[-1] != 3:
         raise ValueError(f"rgb must have shape [B, H, W, 3], got {tuple(rgb.shape)}")
     _check_palette_name(palette_name)
@@ -151,7 +151,7 @@ def _check_ids(ids: torch.Tensor) -> None:
     """Class-id maps: integer tensor [B, H, W] with values in 0..149."""
     integer = isinstance(ids, torch.Tensor) and not (ids.is_floating_point() or ids.is_complex())
     if not integer or ids.dtype == torch.bool:
-        raise TypeError(f"ids must be an integer torch.Tensor, got {_describe(ids)}")
+        raise TypeError(f"ids must be an integer torch.Tensor, got {describe_value(ids)}")
     if ids.ndim != 3:
         raise ValueError(f"ids must have shape [B, H, W], got {tuple(ids.shape)}")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= NUM_CLASSES):
@@ -192,7 +192,7 @@ def class_ids(names: str | Sequence[str]) -> list[int]:
     elif isinstance(names, Sequence) and all(isinstance(n, str) for n in names):
         items = list(names)
     else:
-        raise TypeError(f"names must be a string or a sequence of strings, got {_describe(names)}")
+        raise TypeError(f"names must be a string or a sequence of strings, got {describe_value(names)}")
     lookup = _name_to_id()
     ids: list[int] = []
     for item in items:
@@ -248,10 +248,3 @@ def class_fractions(ids: torch.Tensor) -> list[tuple[int, float]]:
     counts = torch.bincount(ids.flatten().long().cpu(), minlength=NUM_CLASSES)
     present = [(int(c), int(n)) for c, n in enumerate(counts.tolist()) if n]
     return [(c, n / ids.numel()) for c, n in sorted(present, key=lambda item: (-item[1], item[0]))]
-
-
-def _describe(value: object) -> str:
-    """Short description of a bad argument for error messages."""
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return f"{type(value).__name__} {value!r}"[:120]

@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import torch
 
-from . import colormaps, controlnet, palettes
+from . import colormaps, palettes
 from .imageproc import resize as resize_images
+from .normals import normals_to_rgb, rgb_to_normals
 from .options import check_option
 
 TASKS = ("depth", "normal", "segmentation", "albedo", "shading", "rgb")
@@ -149,7 +150,7 @@ class NormalCodec(_MergeRules):
     uncertainty_scale = 20.0  # degrees between the members and their merge
 
     def mirror(self, normals: torch.Tensor) -> torch.Tensor:
-        """Flip and negate x: horizontal in every supported convention (see controlnet.NORMAL_CONVENTIONS)."""
+        """Flip and negate x: horizontal in every supported convention (see normals.NORMAL_CONVENTIONS)."""
         return normals.flip(2) * torch.tensor([-1.0, 1.0, 1.0], dtype=normals.dtype)
 
     def project(self, values: torch.Tensor) -> torch.Tensor:
@@ -167,14 +168,14 @@ class NormalCodec(_MergeRules):
 
     def decode(self, decoded: torch.Tensor, target_scale: float = 1.0) -> torch.Tensor:
         """n = 2 * rgb - 1, renormalised: unit vectors [B, H, W, 3]."""
-        return controlnet.rgb_to_normals(_to_channels_last(decoded.float() / 2 + 0.5))
+        return rgb_to_normals(_to_channels_last(decoded.float() / 2 + 0.5))
 
     def resize(self, normals: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         resized = _to_channels_last(resize_images(_to_channels_first(normals), size))
         return torch.nn.functional.normalize(resized, dim=-1)
 
     def visualize(self, normals: torch.Tensor, **options) -> torch.Tensor:
-        return controlnet.normals_to_rgb(normals)
+        return normals_to_rgb(normals)
 
 
 class SegmentationCodec(_MergeRules):

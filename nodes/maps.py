@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ..dmp_model import colormaps, controlnet, palettes
 from ..dmp_model.colormaps import COLORMAPS, RANGE_MODES
-from ..dmp_model.controlnet import DEPTH_CONTROL_MODES, NORMAL_CONVENTIONS
+from ..dmp_model.controlnet import DEPTH_CONTROL_MODES
+from ..dmp_model.normals import NORMAL_CONVENTIONS
 from ..dmp_model.options import check_option
 from ..dmp_model.palettes import ADE20K_CLASSES, PALETTES
 from ..dmp_model.tasks import get_codec

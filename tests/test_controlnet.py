@@ -1,4 +1,4 @@
-"""Tests for dmp_model.controlnet: depth, normal and segmentation condition maps."""
+"""Tests for dmp_model.controlnet (depth, normal and segmentation condition maps) and dmp_model.normals."""
 
 import itertools
 
@@ -6,16 +6,8 @@ import pytest
 import torch
 from clip_helpers import panning_clip
 
-from dmp_model.controlnet import (
-    DEPTH_CONTROL_MODES,
-    NORMAL_CONVENTIONS,
-    convert_normals,
-    depth_to_control,
-    normals_to_control,
-    normals_to_rgb,
-    rgb_to_normals,
-    segmentation_to_control,
-)
+from dmp_model.controlnet import DEPTH_CONTROL_MODES, depth_to_control, normals_to_control, segmentation_to_control
+from dmp_model.normals import NORMAL_CONVENTIONS, convert_normals, normals_to_rgb, rgb_to_normals
 from dmp_model.palettes import paint
 
 # Omnidata (OpenCV camera frame): a wall facing the camera points at it, -z; a floor points up, -y.

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from dmp_model.adapters import AdapterInfo
-from dmp_model.controlnet import convert_normals, rgb_to_normals
+from dmp_model.normals import convert_normals, rgb_to_normals
 from dmp_model.imageproc import IMAGE_EXTENSIONS, load_image, pil_to_tensor, processing_size, resize
 from dmp_model.palettes import NUM_CLASSES, snap_to_palette
 from dmp_model.tasks import get_codec
@@ -256,7 +256,7 @@ def read_normals(path: str | os.PathLike, convention: str, adapter_convention: s
 
     Args:
         path: RGB image ((n + 1) / 2) or float [H, W, 3] .npy/.npz/.exr vectors.
-        convention: the camera frame of the file, one of dmp_model.controlnet.NORMAL_CONVENTIONS.
+        convention: the camera frame of the file, one of dmp_model.normals.NORMAL_CONVENTIONS.
         adapter_convention: the frame to return them in (the adapter's, DMP: "omnidata").
     """
     path = Path(path)
