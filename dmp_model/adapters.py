@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .checkpoints import read_state_dict
+from .weight_files import read_state_dict
 from .normals import NORMAL_CONVENTIONS
 from .options import check_option
 from .sampling import PREDICTION_TYPES

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from .options import check_option
-from .checkpoints import CheckpointError, check_sd1, infer_sd1_configs, read_key_shapes, read_state_dict
+from .weight_files import CheckpointError, check_sd1, infer_sd1_configs, read_key_shapes, read_state_dict
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from dmp_model import AdapterInfo, DMPModel
 from dmp_model.adapters import (detect_adapter_format, infer_info_from_name, info_to_metadata, read_adapter,
                                 save_adapter, to_peft_state_dict)
-from dmp_model.checkpoints import CheckpointError
+from dmp_model.weight_files import CheckpointError
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,11 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from factories import write_official_adapter
 from ldm_layout import ldm_state_dict, write_single_file
 from safetensors.torch import save_file
-from test_checkpoints import FOUND, INPAINTING, SD2, SDXL, VAE_ONLY, DMP_LORA, Payload, write_keys
+from test_weight_files import FOUND, INPAINTING, SD2, SDXL, VAE_ONLY, DMP_LORA, Payload, write_keys
 from transformers import CLIPTextModel
 
 from dmp_model import DMPModel
-from dmp_model.checkpoints import CheckpointError
+from dmp_model.weight_files import CheckpointError
 from dmp_model.loading import PRECISIONS, load_base, resolve_device, resolve_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,7 +267,7 @@ def test_loading_touches_no_network_even_without_offline_variables(single_files,
         socket.create_connection = socket.getaddrinfo = refuse
         socket.socket.connect = socket.socket.connect_ex = refuse
         from dmp_model import DMPModel
-        from dmp_model.checkpoints import CheckpointError
+        from dmp_model.weight_files import CheckpointError
         model = DMPModel.from_pretrained({str(single_files["safetensors"])!r}, device="cpu", precision="fp32",
                                          config={str(tiny_base)!r})
         assert model.text.empty_embedding().shape == (1, 77, 32)

@@ -17,10 +17,10 @@ from PIL import Image
 
 from dmp_model import DMPModel
 from dmp_model.adapters import ATTENTION_PROJECTIONS
-from dmp_model.checkpoints import read_state_dict
+from dmp_model.weight_files import read_state_dict
 from dmp_model.sampling import schedule_from_config
 from training import TrainConfig, train
-from training.checkpoints import list_checkpoints, load_checkpoint, recover_interrupted, save_checkpoint
+from training.resume import list_checkpoints, load_checkpoint, recover_interrupted, save_checkpoint
 from training.data import adapter_info
 from training.metrics import TaskMetrics
 from training.trainer import (ADAPTER_FILE, ADAPTER_NAME, add_lora, build_datasets, dmp_loss,
@@ -294,7 +294,7 @@ def test_register_adapter_makes_a_live_peft_adapter_usable(tiny_base):
 
 _KILL_WHILE_REPLACING = """
 import os, shutil, sys
-from training import checkpoints
+from training import resume as checkpoints
 out, kill_at = sys.argv[1], sys.argv[2]
 checkpoints.save_checkpoint(out, {"step": 5, "tag": "old"})
 real_rename, real_rmtree = os.rename, shutil.rmtree

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoints import list_checkpoints, load_checkpoint
+from training.resume import list_checkpoints, load_checkpoint
 from training.trainer import ADAPTER_FILE
 from training.world import write_dataset
 

@@ -66,7 +66,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run_train(args: argparse.Namespace) -> int:
     """`dmp train`: 0 on success, 2 on bad configuration or data (reported before training starts)."""
-    from dmp_model.checkpoints import CheckpointError
+    from dmp_model.weight_files import CheckpointError
 
     from .trainer import train
 

@@ -42,7 +42,7 @@ from dmp_model.sampling import expand_alpha, interpolate, training_target
 from dmp_model.tasks import get_codec
 from dmp_model.writers import atomic_path, write_png8
 
-from . import checkpoints as ckpt
+from . import resume as ckpt
 from .config import TrainConfig, config_differences
 from .data import (DataError, PairDataset, PlanSampler, SamplePlan, adapter_info, check_pairs, collate,
                    find_pairs, mix_seed)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dmp_model.checkpoints import (MODEL_FAMILIES, CheckpointError, check_sd1, describe_family, detect_family,
+from dmp_model.weight_files import (MODEL_FAMILIES, CheckpointError, check_sd1, describe_family, detect_family,
                                    read_key_shapes, read_state_dict)
 
 U = "model.diffusion_model."

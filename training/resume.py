@@ -1,4 +1,4 @@
-"""Training checkpoints: one plain dict per step, written atomically, the last N kept.
+"""Training checkpoints, to resume a run: one plain dict per step, written atomically, the last N kept.
 
 Layout under the run's output folder::
 
