@@ -35,11 +35,12 @@ from factories import official_state_dict, random_lora  # noqa: E402
 from dmp_model import DMPModel  # noqa: E402
 from dmp_model.loading import SD1_CONFIG_DIR, BaseComponents  # noqa: E402
 from dmp_model.sampling import get_timesteps  # noqa: E402
+from dmp_model.tasks import DEPTH_TARGET_SCALE  # noqa: E402
 from dmp_model.tiny import tiny_unet_config, tiny_vae_config  # noqa: E402
 
 ADAPTER = "depth-bench-notext"
 OTHER = "normal-bench-notext"
-DEPTH_SCALE = 8.0  # DMP's depth adapters: a decoded value of 1 is 8 m
+DEPTH_SCALE = DEPTH_TARGET_SCALE  # DMP's depth adapters: a decoded value of 1 is 8 m
 
 
 @dataclass
@@ -80,11 +81,11 @@ def write_adapter(lora: dict, folder: Path, info: dict) -> Path:
     """A random adapter as DMP publishes it (official layout), facts in the metadata."""
     from safetensors.torch import save_file
 
-    from dmp_model.adapters import AdapterInfo, info_to_metadata
+    from dmp_model.adapters import ADAPTER_FILE, AdapterInfo, info_to_metadata
 
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in official_state_dict(lora).items()}
-    save_file(state, str(folder / "pytorch_lora_weights.safetensors"),
+    save_file(state, str(folder / ADAPTER_FILE),
               metadata={"format": "pt", **info_to_metadata(AdapterInfo(**info))})
     return folder
 

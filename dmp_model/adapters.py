@@ -25,12 +25,13 @@ from .weight_files import read_state_dict
 from .normals import NORMAL_CONVENTIONS
 from .options import check_option
 from .sampling import PREDICTION_TYPES
-from .tasks import TASKS
+from .tasks import DEPTH_TARGET_SCALE, TASKS
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_FORMATS = ("dmp", "peft", "kohya")
-ADAPTER_FILE_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin",
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # DMP's release name, also what the trainer writes
+ADAPTER_FILE_NAMES = (ADAPTER_FILE, "pytorch_lora_weights.bin",
                       "adapter_model.safetensors", "adapter_model.bin")
 ADAPTER_EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 METADATA_PREFIX = "dmp."
@@ -82,7 +83,7 @@ def infer_info_from_name(name: str) -> dict:
     task = next((task for prefix, task in _TASK_PREFIXES if lowered.startswith(prefix)), "rgb")
     facts = {"task": task, "uses_prompts": task != "rgb" and not lowered.endswith("-notext")}
     if task == "depth":
-        facts["target_scale"] = 8.0
+        facts["target_scale"] = DEPTH_TARGET_SCALE
     return facts
 
 

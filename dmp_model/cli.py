@@ -30,6 +30,7 @@ from .colormaps import COLORMAPS
 from .ensemble import ENSEMBLES
 from .imageproc import IMAGE_EXTENSIONS, list_images, load_image
 from .loading import PRECISIONS
+from .prediction import DEFAULT_GUIDANCE, PredictOptions
 from .sampling import FINAL_OUTPUTS, SAMPLERS, SPACINGS
 from .video import VIDEO_EXTENSIONS, is_video, require_av
 from .writers import prediction_paths, write_prediction
@@ -37,6 +38,7 @@ from .writers import prediction_paths, write_prediction
 logger = logging.getLogger("dmp")
 
 OUTPUT_FORMATS = ("npy", "png", "exr", "visual")
+DEFAULTS = PredictOptions()  # the one home of the prediction defaults
 _DEFAULT_FORMATS = ("npy", "png", "visual")
 
 
@@ -49,19 +51,20 @@ def add_predict_parser(subparsers) -> None:
     p.add_argument("--adapter", action="append", required=True, metavar="PATH",
                    help="adapter file or folder; repeat for several tasks (one VAE encode serves all)")
     p.add_argument("-o", "--output", default="dmp_output", help="output folder (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=5, help="sampler steps (default: %(default)s)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument("--spacing", choices=SPACINGS, default="leading")
-    p.add_argument("--processing-resolution", type=int, default=512,
+    p.add_argument("--steps", type=int, default=DEFAULTS.steps, help="sampler steps (default: %(default)s)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULTS.sampler)
+    p.add_argument("--spacing", choices=SPACINGS, default=DEFAULTS.spacing)
+    p.add_argument("--processing-resolution", type=int, default=DEFAULTS.processing_resolution,
                    help="shorter side while predicting, 0 = native (default: %(default)s)")
-    p.add_argument("--final-output", choices=FINAL_OUTPUTS, default="z")
+    p.add_argument("--final-output", choices=FINAL_OUTPUTS, default=DEFAULTS.final_output)
     p.add_argument("--prompt", help="text prompt for prompted adapters (needs a tokenizer)")
-    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance with --prompt (default 2)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--guidance-scale", type=float,
+                   help=f"classifier-free guidance with --prompt (default {DEFAULT_GUIDANCE:g})")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     p.add_argument("--formats", default=",".join(_DEFAULT_FORMATS),
                    help=f"comma-separated subset of {OUTPUT_FORMATS} (default: %(default)s); "
                         "png = 16-bit depth in millimetres or 8-bit class ids")
-    p.add_argument("--colormap", choices=COLORMAPS, default="Spectral", help="depth preview colormap")
+    p.add_argument("--colormap", choices=COLORMAPS, default=DEFAULTS.colormap, help="depth preview colormap")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--config", help="diffusers config folder for a single-file base (default: bundled SD 1.x)")
@@ -75,11 +78,11 @@ def add_predict_parser(subparsers) -> None:
     p.add_argument("--tile", action="store_true",
                    help="large images: a global pass plus overlapping tiles at the processing resolution, "
                         "merged without seams (more detail, one pass per tile)")
-    p.add_argument("--tile-size", type=int, default=0,
+    p.add_argument("--tile-size", type=int, default=DEFAULTS.tile_size,
                    help="tile side in input pixels, 0 = the processing resolution (default: %(default)s)")
-    p.add_argument("--tile-overlap", type=float, default=0.25,
+    p.add_argument("--tile-overlap", type=float, default=DEFAULTS.tile_overlap,
                    help="blend ramp between tiles, a fraction of the tile in (0, 0.5] (default: %(default)s)")
-    p.add_argument("--ensemble", choices=ENSEMBLES, default="none",
+    p.add_argument("--ensemble", choices=ENSEMBLES, default=DEFAULTS.ensemble,
                    help="flip: predict each image and its mirror in one batch and merge them (default: %(default)s)")
     p.add_argument("--uncertainty", action="store_true",
                    help="with --ensemble flip: also write _uncertainty.npy (the members' disagreement) and "

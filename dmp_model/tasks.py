@@ -43,6 +43,8 @@ from .normals import normals_to_rgb, rgb_to_normals
 from .options import check_option
 
 TASKS = ("depth", "normal", "segmentation", "albedo", "shading", "rgb")
+# DMP's depth adapters encode depth / 8 m (white is 8 m and beyond): their target_scale.
+DEPTH_TARGET_SCALE = 8.0
 
 
 def _to_channels_last(images: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,15 @@ from ..dmp_model.colormaps import COLORMAPS, RANGE_MODES
 from ..dmp_model.controlnet import DEPTH_CONTROL_MODES
 from ..dmp_model.normals import NORMAL_CONVENTIONS
 from ..dmp_model.options import check_option
+from ..dmp_model.prediction import PredictOptions
 from ..dmp_model.palettes import ADE20K_CLASSES, PALETTES
 from ..dmp_model.tasks import get_codec
 from . import comfy_bridge as bridge
 from .common import MAPS_CATEGORY, PREDICTION_TOOLTIP, image_out, mask_out, require_prediction
+
+# The engine's depth preview: the same colours and percentiles as a prediction's visual output.
+_DEPTH_COLORMAP = PredictOptions().colormap
+_NEAR_PCT, _FAR_PCT = get_codec("depth").visual_percentiles
 
 
 def _prediction(task: str) -> tuple:
@@ -83,9 +88,9 @@ class DMPDepthColorize:
     def INPUT_TYPES(cls):
         return {"required": {
             "prediction": _prediction("depth"),
-            "colormap": (list(COLORMAPS), {"default": "Spectral", "tooltip": "Colours from near to far."}),
-            "low_percentile": _percentile(2.0, "The depth percentile shown as the first colour (near)."),
-            "high_percentile": _percentile(98.0, "The depth percentile shown as the last colour (far)."),
+            "colormap": (list(COLORMAPS), {"default": _DEPTH_COLORMAP, "tooltip": "Colours from near to far."}),
+            "low_percentile": _percentile(_NEAR_PCT, "The depth percentile shown as the first colour (near)."),
+            "high_percentile": _percentile(_FAR_PCT, "The depth percentile shown as the last colour (far)."),
             "reverse": ("BOOLEAN", {"default": False, "tooltip": "Run the colour map from far to near."}),
             **_range_inputs(),
         }}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from dmp_model.adapters import ATTENTION_PROJECTIONS
+from dmp_model.adapters import ADAPTER_FILE, ATTENTION_PROJECTIONS
 
 
 def attention_layers(unet, self_attn_only: bool = False) -> dict[str, torch.nn.Linear]:
@@ -30,11 +30,10 @@ def random_lora(unet, seed: int, rank: int = 4, scale: float = 0.1, self_attn_on
 
 def official_state_dict(lora: dict) -> dict[str, torch.Tensor]:
     """DMP's release layout: '{attn}.processor.to_q_lora.down.weight' and '.up.weight'."""
-    official = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora"}
     out = {}
     for module, (down, up) in lora.items():
         attention, projection = module.split(".to_", 1)
-        key = f"{attention}.processor.{official['to_' + projection]}"
+        key = f"{attention}.processor.{ATTENTION_PROJECTIONS['to_' + projection]}"
         out[f"{key}.down.weight"], out[f"{key}.up.weight"] = down, up
     return out
 
@@ -48,7 +47,7 @@ def write_official_adapter(unet, folder: Path, seed: int, fmt: str = "safetensor
     if fmt == "safetensors":
         from safetensors.torch import save_file
 
-        save_file(state, str(folder / "pytorch_lora_weights.safetensors"))
+        save_file(state, str(folder / ADAPTER_FILE))
     else:
-        torch.save(state, folder / "pytorch_lora_weights.bin")
+        torch.save(state, folder / Path(ADAPTER_FILE).with_suffix(".bin"))
     return folder

@@ -18,7 +18,7 @@ from dmp_model.adapters import ATTENTION_PROJECTIONS
 from dmp_model.controlnet import NORMAL_CONVENTIONS
 from dmp_model.palettes import PALETTES
 from dmp_model.sampling import PREDICTION_TYPES
-from dmp_model.tasks import TASKS
+from dmp_model.tasks import DEPTH_TARGET_SCALE, TASKS
 
 CROP_MODES = ("center", "stretch")
 LR_SCHEDULERS = ("cosine", "constant", "constant_with_warmup", "linear", "cosine_with_restarts", "polynomial")
@@ -118,7 +118,7 @@ class TrainConfig:
         """Metres per decoded unit for depth (8, as DMP, unless set); 1 for the other tasks."""
         if self.target_scale is not None:
             return float(self.target_scale)
-        return 8.0 if self.task == "depth" else 1.0
+        return DEPTH_TARGET_SCALE if self.task == "depth" else 1.0
 
     @property
     def flips(self) -> bool:

@@ -61,16 +61,19 @@ BASELINE = "constant"
 Predictor = Callable[[torch.Tensor, PredictOptions, list[str] | None], Prediction]
 
 
+_DEFAULTS = PredictOptions()
+
+
 @dataclass(frozen=True)
 class Setting:
-    """One point of the grid."""
+    """One point of the grid (defaults: the engine's)."""
 
-    steps: int = 5
-    spacing: str = "leading"
-    sampler: str = "ddim"
-    processing_resolution: int = 512
+    steps: int = _DEFAULTS.steps
+    spacing: str = _DEFAULTS.spacing
+    sampler: str = _DEFAULTS.sampler
+    processing_resolution: int = _DEFAULTS.processing_resolution
     tile: str = "off"
-    ensemble: str = "none"
+    ensemble: str = _DEFAULTS.ensemble
 
     @property
     def key(self) -> str:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from dmp_model.adapters import save_adapter
 from dmp_model.loading import load_base
+from dmp_model.adapters import ADAPTER_FILE  # DMP's release name: the run folder is a loadable adapter
 from dmp_model.pipeline import DMPModel
 from dmp_model.sampling import expand_alpha, interpolate, training_target
 from dmp_model.tasks import get_codec
@@ -51,7 +52,6 @@ from .plot import moving_average, plot_curves
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # DMP's release name: the run folder is a loadable adapter
 ADAPTER_NAME = "default"  # peft's name for the adapter added by ``unet.add_adapter``
 LOG_FILE, CONFIG_FILE, PLOT_FILE = "log.jsonl", "config.json", "curves.png"
 _WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -10,11 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from factories import official_state_dict, random_lora
+
+from dmp_model.adapters import ADAPTER_FILE
 
 # Task -> adapter folder name, as in example_workflows/.
 ADAPTERS = {"depth": "depth-hypersim-notext", "normal": "normal-scene100-notext",
             "segmentation": "segmentation", "albedo": "albedo", "shading": "shading"}
-ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 
 
 def adapter_choice(task: str) -> str:
@@ -24,19 +26,8 @@ def adapter_choice(task: str) -> str:
 
 def official_lora(unet: torch.nn.Module, seed: int, scale: float = 0.1) -> dict[str, torch.Tensor]:
     """Rank-4 LoRA weights for every attention projection of `unet`, in DMP's release layout
-    (``...attn1.processor.to_q_lora.down.weight``)."""
-    official = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora"}
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, module in unet.named_modules():
-        if not name.endswith((".attn1", ".attn2")):
-            continue
-        for projection, key in official.items():
-            layer = module.get_submodule(projection)
-            prefix = f"{name}.processor.{key}"
-            tensors[f"{prefix}.down.weight"] = torch.randn(4, layer.in_features, generator=generator) * scale
-            tensors[f"{prefix}.up.weight"] = torch.randn(layer.out_features, 4, generator=generator) * scale
-    return tensors
+    (``...attn1.processor.to_q_lora.down.weight``); the same as ``factories.write_official_adapter``'s."""
+    return official_state_dict(random_lora(unet, seed, rank=4, scale=scale))
 
 
 def write_official_adapter(unet: torch.nn.Module, folder: Path, seed: int, scale: float = 0.1,
