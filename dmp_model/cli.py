@@ -117,7 +117,6 @@ def output_stems(files: Sequence[Path], inputs: Sequence[str]) -> dict[Path, Pat
 def _shard(files: list[Path]) -> tuple[list[Path], int, int, str]:
     """This process's share of the files, its rank, the process count and its device."""
     try:
-        import torch
         from accelerate import PartialState
 
         # Without cpu=True, PartialState takes a CPU-only torchrun / `accelerate launch --multi_gpu` run

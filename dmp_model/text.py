@@ -122,7 +122,7 @@ class TextConditioner:
 
         try:
             return load_file(self.cache_file)["empty_prompt"]
-        except Exception as err:  # noqa: BLE001 - a bad cache is recomputed, never fatal
+        except Exception as err:  # a bad cache is recomputed, never fatal
             logger.warning("ignoring unreadable empty-prompt cache %s: %s", self.cache_file, err)
             return None
 

@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 MODEL_FAMILIES = ("sd1", "sd1-inpainting", "sd1-instruct", "sd2", "sdxl", "sd3", "flux",
                   "lora", "vae", "diffusers-weights", "unknown")
 

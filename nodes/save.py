@@ -53,7 +53,7 @@ class DMPSave:
                    "PNG, any task as NPY, any but segmentation as EXR. Every image is checked before any "
                    "file is written. ComfyUI's Save Image would keep only 8 bits of a preview.")
 
-    def save(self, prediction, filename_prefix, format, depth_png_encoding):  # noqa: A002 - the widget's name
+    def save(self, prediction, filename_prefix, format, depth_png_encoding):  # `format`: the widget's name
         result = require_prediction(prediction, TASKS, "DMP Save")
         batch, height, width = result.raw.shape[:3]
         folder, stem, counter, subfolder = bridge.save_path(

@@ -24,7 +24,6 @@ from dataclasses import fields
 from .config import TrainConfig, config_fields, config_from_dict, read_config_file
 
 logger = logging.getLogger("dmp")
-_RUN_OPTIONS = ("config", "resume", "stop_after")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

@@ -206,7 +206,7 @@ def train_adapters(out: Path, settings: DemoSettings) -> dict[str, float]:
     for task, config in configs.items():
         config_file = out / "logs" / f"{task}_config.json"
         config_file.write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8")
-        log = open(out / "logs" / f"train_{task}.log", "w", encoding="utf-8")  # noqa: SIM115 - closed below
+        log = open(out / "logs" / f"train_{task}.log", "w", encoding="utf-8")  # closed below
         command = [sys.executable, "-m", "training", "train", "--config", str(config_file)]
         logger.info("%s", " ".join(command))
         runs[task] = (subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log)

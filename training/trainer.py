@@ -54,7 +54,6 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"  # peft's name for the adapter added by ``unet.add_adapter``
 LOG_FILE, CONFIG_FILE, PLOT_FILE = "log.jsonl", "config.json", "curves.png"
-_WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _PRECISION_NAMES = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 
