@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -51,3 +52,16 @@ def write_official_adapter(unet, folder: Path, seed: int, fmt: str = "safetensor
     else:
         torch.save(state, folder / Path(ADAPTER_FILE).with_suffix(".bin"))
     return folder
+
+
+def merged_unet(unet, lora):
+    """A plain copy of the base UNet with W += up @ down merged by hand (no peft involved)."""
+    merged = copy.deepcopy(unet)
+    if hasattr(merged, "peft_config"):
+        merged.disable_adapters()
+    with torch.no_grad():
+        for name, (down, up) in lora.items():
+            layer = merged.get_submodule(name)
+            layer = getattr(layer, "base_layer", layer)
+            layer.weight += up @ down
+    return merged

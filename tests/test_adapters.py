@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 import torch
-from factories import attention_layers, official_state_dict, random_lora, write_official_adapter
+from factories import attention_layers, merged_unet, official_state_dict, random_lora, write_official_adapter
 from safetensors.torch import save_file
 
 from dmp_model import AdapterInfo, DMPModel
@@ -18,19 +18,6 @@ from dmp_model.weight_files import CheckpointError
 @pytest.fixture(scope="module")
 def model(tiny_base):
     return DMPModel.from_pretrained(tiny_base, device="cpu", precision="fp32")
-
-
-def merged_unet(unet, lora):
-    """A plain copy of the base UNet with W += up @ down merged by hand (no peft involved)."""
-    merged = copy.deepcopy(unet)
-    if hasattr(merged, "peft_config"):
-        merged.disable_adapters()
-    with torch.no_grad():
-        for name, (down, up) in lora.items():
-            layer = merged.get_submodule(name)
-            layer = getattr(layer, "base_layer", layer)
-            layer.weight += up @ down
-    return merged
 
 
 def unet_output(unet, seed=0):

@@ -1,4 +1,5 @@
-"""The engine stands alone: no ComfyUI, no node pack, no trainer, no heavy diffusers import, no print, no unsafe load.
+"""The engine stands alone: no ComfyUI, no node pack, no trainer, no heavy diffusers import, no print, no unsafe load,
+only relative imports of itself, no import cycles.
 
 Checked twice: statically (every import statement of every dmp_model module, by AST) and dynamically
 (importing every module in a fresh interpreter and looking at sys.modules).
@@ -48,8 +49,12 @@ def test_sources_are_found():
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
 def test_no_forbidden_imports_in_the_source(path):
-    bad = [(name, line) for name, line in imported_modules(parse(path)) if name.split(".")[0] in FORBIDDEN]
+    found = imported_modules(parse(path))
+    bad = [(name, line) for name, line in found if name.split(".")[0] in FORBIDDEN]
     assert bad == [], f"{path.name} imports {bad}"
+    absolute = [(name, line) for name, line in found if name.split(".")[0] == "dmp_model"]
+    assert absolute == [], \
+        f"{path.name} imports dmp_model absolutely {absolute}: it breaks when ComfyUI loads the pack by path"
 
 
 def test_the_ast_check_does_catch_forbidden_imports():

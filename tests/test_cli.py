@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from cli_args import predict_argv
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -47,12 +48,8 @@ def write_images(folder: Path, images: dict = IMAGES) -> Path:
 
 
 def args_for(tiny_base, adapters, inputs, output, *extra, names=("depth-a-notext", "normal-b-notext")) -> list[str]:
-    args = ["predict", *map(str, inputs), "--base", str(tiny_base), "-o", str(output), "--device", "cpu",
-            "--precision", "fp32", "--processing-resolution", "0", "--steps", "2",
-            "--cache-dir", str(Path(output).parent / "cache")]
-    for name in names:
-        args += ["--adapter", str(adapters[name])]
-    return args + list(extra)
+    return predict_argv(tiny_base, inputs, output, [adapters[name] for name in names],
+                        "--processing-resolution", "0", "--steps", "2", *extra)
 
 
 def run(caplog, argv) -> tuple[int, list[tuple[int, ...]], str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from cli_args import predict_argv
 import numpy as np
 from diffusers import UNet2DConditionModel
 from factories import write_official_adapter
@@ -22,11 +23,8 @@ def test_tiled_flip_ensemble_writes_uncertainty_at_the_input_size(tiny_base, tmp
     for i, (name, (height, width)) in enumerate(SIZES.items()):
         pixels = (np.random.default_rng(i).random((height, width, 3)) * 255).astype(np.uint8)
         Image.fromarray(pixels).save(tmp_path / "images" / name)
-    argv = ["predict", str(tmp_path / "images"), "--base", str(tiny_base), "-o", str(tmp_path / "out"),
-            "--device", "cpu", "--precision", "fp32", "--steps", "1", "--processing-resolution", "24",
-            "--cache-dir", str(tmp_path / "cache"), "--tile", "--ensemble", "flip", "--uncertainty"]
-    for adapter in adapters:
-        argv += ["--adapter", str(adapter)]
+    argv = predict_argv(tiny_base, [tmp_path / "images"], tmp_path / "out", adapters, "--steps", "1",
+                        "--processing-resolution", "24", "--tile", "--ensemble", "flip", "--uncertainty")
     with caplog.at_level(logging.INFO, logger="dmp"):
         assert cli.main(argv) == 0
     for adapter in ("depth-h-notext", "seg-h-notext"):

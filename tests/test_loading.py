@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from factories import write_official_adapter
 from ldm_layout import ldm_state_dict, write_single_file
 from safetensors.torch import save_file
-from test_weight_files import FOUND, INPAINTING, SD2, SDXL, VAE_ONLY, DMP_LORA, Payload, write_keys
+from weight_keys import DMP_LORA, FOUND, INPAINTING, SD2, SDXL, VAE_ONLY, Payload, write_keys
 from transformers import CLIPTextModel
 
 from dmp_model import DMPModel

@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from factories import random_lora, write_official_adapter
+from factories import merged_unet, random_lora, write_official_adapter
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from dmp_model import DMPModel, PredictOptions
-from test_adapters import merged_unet
 
 
 @pytest.fixture(scope="module")

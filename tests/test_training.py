@@ -11,6 +11,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from cli_args import train_argv
 import pytest
 import torch
 from PIL import Image
@@ -212,10 +213,8 @@ def test_bad_input_fails_before_training(tiny_base, world, tmp_path):
 def test_a_killed_process_resumes_and_leaves_no_corrupt_file(tiny_base, world, tmp_path):
     """SIGKILL at a random moment after the first checkpoint; every checkpoint left is complete."""
     out = tmp_path / "run"
-    args = ["--base", str(tiny_base), "--train-images", str(world / "images"), "--train-targets",
-            str(world / "depth"), "--output-dir", str(out), "--resolution", "32", "--batch-size", "2",
-            "--max-steps", "400", "--checkpoint-every", "1", "--keep-checkpoints", "2", "--val-every", "0",
-            "--val-split", "2", "--val-limit", "1", "--val-steps", "1", "--rank", "2"]
+    args = train_argv(tiny_base, world, out, "--max-steps", "400", "--checkpoint-every", "1",
+                      "--keep-checkpoints", "2", "--val-limit", "1")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "training", "train", *args], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cli_args import train_argv
 import pytest
 import torch
 
@@ -25,10 +26,8 @@ def world(tmp_path_factory) -> Path:
 
 def test_two_cpu_processes_share_the_data_and_write_one_adapter(tiny_base, world, tmp_path):
     out = tmp_path / "run"
-    args = ["--base", str(tiny_base), "--train-images", str(world / "images"), "--train-targets",
-            str(world / "depth"), "--output-dir", str(out), "--resolution", "32", "--batch-size", "2",
-            "--max-steps", "4", "--checkpoint-every", "2", "--val-every", "0", "--val-split", "2",
-            "--val-limit", "2", "--val-steps", "1", "--rank", "2", "--log-every", "1"]
+    args = train_argv(tiny_base, world, out, "--max-steps", "4", "--checkpoint-every", "2", "--val-limit", "2",
+                      "--log-every", "1")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", "0", "-m", "training", "train", *args]

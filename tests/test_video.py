@@ -6,6 +6,7 @@ import logging
 import re
 import sys
 
+from cli_args import predict_argv
 import numpy as np
 import pytest
 import torch
@@ -93,11 +94,8 @@ def clip_adapters(tiny_base, tmp_path_factory):
 
 
 def predict(caplog, tiny_base, clip_adapters, inputs, out, *extra):
-    argv = ["predict", *map(str, inputs), "--base", str(tiny_base), "-o", str(out), "--device", "cpu",
-            "--precision", "fp32", "--processing-resolution", "0", "--steps", "2", "--batch-size", "3",
-            "--cache-dir", str(out.parent / "cache"), *extra]
-    for adapter in clip_adapters:
-        argv += ["--adapter", str(adapter)]
+    argv = predict_argv(tiny_base, inputs, out, clip_adapters, "--processing-resolution", "0", "--steps", "2",
+                        "--batch-size", "3", *extra)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dmp"):
         code = cli.main(argv)

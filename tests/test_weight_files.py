@@ -1,7 +1,7 @@
 """Weight files: what kind of model a file holds, and every way of reading one that must fail cleanly.
 
 Detection works on key names and shapes only, so the "checkpoints" here are key -> shape tables
-in the layouts real files have (SD 2.x, SDXL, SD3, Flux, inpainting, LoRA, VAE, ...); where a
+(``weight_keys.py``) in the layouts real files have (SD 2.x, SDXL, SD3, Flux, inpainting, LoRA, VAE, ...); where a
 file is needed it is written with those keys and tiny tensors (only the shapes detection reads
 are real). Every refusal must be a CheckpointError that names the file and what was found.
 """
@@ -15,52 +15,12 @@ import zipfile
 import pytest
 import torch
 from safetensors.torch import save_file
+from weight_keys import (DIFFUSERS_TEXT, DIFFUSERS_UNET, DMP_LORA, FLUX, FOUND, INPAINTING, INSTRUCT, KOHYA_LORA,
+                         OLD_DIFFUSERS_LORA, PEFT_LORA, RANDOM, SD1, SD2, SD3, SDXL, VAE_KEYS, VAE_ONLY, Payload, U,
+                         write_keys)
 
 from dmp_model.weight_files import (MODEL_FAMILIES, CheckpointError, check_sd1, describe_family, detect_family,
                                    read_key_shapes, read_state_dict)
-
-U = "model.diffusion_model."
-VAE_KEYS = {"first_stage_model.encoder.conv_in.weight": (128, 3, 3, 3),
-            "first_stage_model.decoder.conv_out.weight": (3, 128, 3, 3)}
-SD1_TEXT = {"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 768),
-            "cond_stage_model.transformer.text_model.final_layer_norm.weight": (768,)}
-
-
-def unet_keys(in_channels: int = 4, context: int = 768) -> dict[str, tuple[int, ...]]:
-    return {U + "input_blocks.0.0.weight": (320, in_channels, 3, 3),
-            U + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, context),
-            U + "out.2.weight": (4, 320, 3, 3)}
-
-
-SD1 = {**unet_keys(), **VAE_KEYS, **SD1_TEXT}
-SD2 = {**unet_keys(context=1024), **VAE_KEYS,
-       "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": (3072, 1024),
-       "cond_stage_model.model.token_embedding.weight": (49408, 1024)}
-SDXL = {**unet_keys(context=2048), **VAE_KEYS, U + "label_emb.0.0.weight": (1280, 2816),
-        "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,),
-        "conditioner.embedders.1.model.token_embedding.weight": (49408, 1280)}
-SD3 = {U + "joint_blocks.0.context_block.attn.qkv.weight": (4608, 1536), U + "x_embedder.proj.weight": (1536, 16, 2, 2),
-       **VAE_KEYS}
-FLUX = {"double_blocks.0.img_attn.qkv.weight": (9216, 3072), "single_blocks.0.linear1.weight": (21504, 3072),
-        "img_in.weight": (3072, 64)}
-INPAINTING = {**unet_keys(in_channels=9), **VAE_KEYS, **SD1_TEXT}
-INSTRUCT = {**unet_keys(in_channels=8), **VAE_KEYS, **SD1_TEXT}
-KOHYA_LORA = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320),
-              "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": (320, 4),
-              "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": ()}
-DMP_LORA = {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight": (4, 320),
-            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.up.weight": (320, 4)}
-PEFT_LORA = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": (4, 320),
-             "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": (320, 4)}
-OLD_DIFFUSERS_LORA = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight": (4, 320),
-                      "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.up.weight": (320, 4)}
-VAE_ONLY = {"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.conv_out.weight": (3, 128, 3, 3),
-            "quant_conv.weight": (8, 8, 1, 1)}
-DIFFUSERS_UNET = {"conv_in.weight": (320, 4, 3, 3), "down_blocks.0.resnets.0.conv1.weight": (320, 320, 3, 3),
-                  "mid_block.resnets.0.conv1.weight": (1280, 1280, 3, 3)}
-DIFFUSERS_TEXT = {"text_model.embeddings.token_embedding.weight": (49408, 768),
-                  "text_model.encoder.layers.0.mlp.fc1.weight": (3072, 768)}
-RANDOM = {"weight": (3, 3), "bias": (3,), "layers.0.kernel": (2, 2)}
 
 CASES = [
     ("sd1", SD1), ("sd2", SD2), ("sd2", {k: v for k, v in SD2.items() if "cond_stage_model" not in k}),
@@ -72,11 +32,6 @@ CASES = [
     ("unknown", RANDOM), ("unknown", {}),
 ]
 IDS = [f"{family}-{i}" for i, (family, _) in enumerate(CASES)]
-# What a user must read in the error for each family: the name of what they passed.
-FOUND = {"sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3", "flux": "Flux",
-         "sd1-inpainting": "inpainting", "sd1-instruct": "InstructPix2Pix", "lora": "LoRA adapter",
-         "vae": "VAE on its own", "diffusers-weights": "one component of a diffusers folder",
-         "unknown": "not a Stable Diffusion checkpoint"}
 
 
 @pytest.mark.parametrize("family, shapes", CASES, ids=IDS)
@@ -87,14 +42,6 @@ def test_detect_family_from_keys_and_shapes(family, shapes):
 def test_every_family_has_a_description():
     assert {describe_family(f) for f in MODEL_FAMILIES} and all(describe_family(f) for f in MODEL_FAMILIES)
     assert set(FOUND) | {"sd1"} == set(MODEL_FAMILIES)
-
-
-def write_keys(path, shapes) -> str:
-    """A safetensors file with these key names; tensors are zeros of the given shapes (tiny ones shrunk)."""
-    tensors = {k: torch.zeros(s if (k.endswith("input_blocks.0.0.weight") or "attn2.to_k" in k) else
-                              tuple(min(d, 2) for d in s)) for k, s in shapes.items()}
-    save_file(tensors, str(path))
-    return str(path)
 
 
 @pytest.mark.parametrize("family, shapes", [c for c in CASES if c[0] != "sd1" and c[1]],
@@ -230,16 +177,6 @@ def test_truncated_safetensors_is_refused_with_advice(tmp_path):
         for read in (read_key_shapes, read_state_dict):
             with pytest.raises(CheckpointError, match="corrupt or truncated: download it again"):
                 read(tmp_path / "cut.safetensors")
-
-
-class Payload:
-    """Unpickling this would create `path`: proof that code ran."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 @pytest.mark.parametrize("writer", ["pickle", "torch-zip", "torch-legacy"])
