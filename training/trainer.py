@@ -35,9 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dmp_model.adapters import save_adapter
+from dmp_model.adapters import ADAPTER_FILE, save_adapter  # ADAPTER_FILE: the run folder is a loadable adapter
 from dmp_model.loading import load_base
-from dmp_model.adapters import ADAPTER_FILE  # DMP's release name: the run folder is a loadable adapter
 from dmp_model.pipeline import DMPModel
 from dmp_model.sampling import expand_alpha, interpolate, training_target
 from dmp_model.tasks import get_codec
