@@ -306,7 +306,7 @@ def run_success(server: Server, base: Path, name: str, prompt: dict) -> tuple[st
     if result["status"]["status_str"] != "success":
         raise AssertionError(f"{name}: {json.dumps(result['status']['messages'])[:3000]}")
     check_messages(name, prompt, server.messages(reply["prompt_id"]))
-    outputs, previews = result["outputs"], 0
+    outputs, previews, videos = result["outputs"], 0, 0
     for node_id, entry in prompt.items():
         if entry["class_type"] in ("PreviewImage", "SaveImage", "DMPSave"):
             images = outputs.get(node_id, {}).get("images", [])
@@ -324,7 +324,9 @@ def run_success(server: Server, base: Path, name: str, prompt: dict) -> tuple[st
             raise AssertionError(f"{name}: no text from PreviewAny {node_id}")
         if entry["class_type"] == "SaveVideo":
             check_saved_video(name, base, outputs.get(node_id, {}))
-    return f"ok    {name}: {previews} images in {time.monotonic() - started:.1f} s", result
+            videos += 1
+    saved = f"{previews} images" + (f", {videos} videos of {VIDEO_FRAMES} frames" if videos else "")
+    return f"ok    {name}: {saved} in {time.monotonic() - started:.1f} s", result
 
 
 def check_saved_video(name: str, base: Path, output: dict) -> None:
