@@ -4,7 +4,8 @@ This package knows nothing of ComfyUI; the node pack and the trainer are thin la
 """
 
 from .adapters import AdapterInfo
-from .pipeline import DMPModel, Prediction, PredictOptions
+from .pipeline import DMPModel
+from .prediction import Prediction, PredictOptions, predict_images
 from .sampling import PREDICTION_TYPES, SAMPLERS, SPACINGS, get_timesteps, sample_dmp
 from .tasks import TASKS, get_codec
 
@@ -19,5 +20,6 @@ __all__ = [
     "TASKS",
     "get_codec",
     "get_timesteps",
+    "predict_images",
     "sample_dmp",
 ]

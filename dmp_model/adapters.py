@@ -258,18 +258,27 @@ def peft_alpha(metadata: Mapping[str, str]) -> float | None:
     return None
 
 
+def lora_rank_and_scope(tensors: Mapping[str, torch.Tensor]) -> tuple[int | None, bool]:
+    """(rank, self-attention only) read off LoRA weights of any layout (DMP, peft, kohya).
+
+    The rank is the largest first dimension of the down projections; "self-attention only" means every
+    weight belongs to an ``attn1`` layer (DMP's ``self_attn_only`` variant).
+    """
+    downs = [v for k, v in tensors.items() if re.search(r"(lora_A|lora_down|_lora\.down|lora\.down)\.weight$", k)]
+    rank = max((v.shape[0] for v in downs), default=None)
+    weights = [k for k in tensors if k.endswith(".weight")]
+    return rank, bool(weights) and all("attn1" in k for k in weights)
+
+
 def resolve_info(name: str, metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor],
                  overrides: Mapping | None = None) -> AdapterInfo:
     """AdapterInfo from (lowest to highest priority) the name, the file's metadata, the caller.
 
-    `tensors` are in peft layout (``to_peft_state_dict``): rank and self-attention-only are read
-    off the weights, never guessed.
+    `tensors` in any layout: rank and self-attention-only are read off the weights, never guessed.
     """
     facts = infer_info_from_name(name)
     facts.update(info_from_metadata(metadata))
-    ranks = {v.shape[0] for k, v in tensors.items() if k.endswith("lora_A.weight")}
-    facts["rank"] = max(ranks) if ranks else None
-    facts["self_attn_only"] = all(".attn1." in k for k in tensors)
+    facts["rank"], facts["self_attn_only"] = lora_rank_and_scope(tensors)
     unknown = set(overrides or {}) - {f.name for f in fields(AdapterInfo)}
     if unknown:
         raise TypeError(f"unknown adapter settings {sorted(unknown)}; valid: {[f.name for f in fields(AdapterInfo)]}")
@@ -278,6 +287,44 @@ def resolve_info(name: str, metadata: Mapping[str, str], tensors: Mapping[str, t
         logger.warning("adapter %r: no task in its metadata or name (depth-*, normal-*, seg*, albedo*, shading*); "
                        "decoding its output as plain RGB (pass task=... to say which)", name)
     return AdapterInfo(**facts)
+
+
+def portable_lora_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+                             ) -> dict[str, torch.Tensor]:
+    """The adapter in a layout that every SD LoRA loader reads (ComfyUI's, A1111's), scale folded in.
+
+    DMP's official layout and kohya's ``lora_unet_*`` names are read as they are; peft/diffusers keys
+    (``{prefix}down_blocks.0....to_q.lora_A.weight``) become kohya names (module path with "_"), with a
+    peft ``lora_alpha`` folded into the up weights. Pure key surgery: no model library needed.
+    """
+    fmt = detect_adapter_format(tensors)
+    if any(k.startswith("lora_te") for k in tensors):
+        raise ValueError("this LoRA also adapts the text encoder; DMP adapters adapt the UNet only")
+    if fmt != "peft":
+        return dict(tensors)
+    alpha = peft_alpha(metadata)
+    out = {}
+    for key, value in _strip_prefixes(tensors).items():
+        match = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight", key)
+        if match is None:
+            raise ValueError(f"unsupported LoRA tensor {key!r} (DoRA, biases or other adapter types)")
+        module, kind = match.groups()
+        up = kind in ("lora_B", "lora.up")
+        if up and alpha is not None:
+            value = value * (alpha / value.shape[1])
+        out[f"lora_unet_{module.replace('.', '_')}.{'lora_up' if up else 'lora_down'}.weight"] = value
+    return out
+
+
+def offered_as_adapter(relative_path: str) -> bool:
+    """Whether a file under a model folder is offered as an adapter in pickers (the nodes' dropdowns).
+
+    Any ``.safetensors``, and pickled files only under the names DMP and peft give adapters
+    (``pytorch_lora_weights.bin``, ``adapter_model.bin``): a training run's folder also holds
+    ``checkpoints/step-*/state.pt``, accelerate's ``optimizer.bin`` and the like, which are not adapters.
+    """
+    name = relative_path.replace("\\", "/").rsplit("/", 1)[-1]
+    return name.lower().endswith(".safetensors") or name in ADAPTER_FILE_NAMES
 
 
 def attach_adapter(unet, tensors: Mapping[str, torch.Tensor], adapter_name: str) -> int:

@@ -8,6 +8,8 @@ Under ``accelerate launch`` (or torchrun) each process takes every N-th file of 
 so a large folder is shared out and no file is written twice (on a CPU-only machine, accelerate
 starts several processes only with ``--multi_gpu --num_processes N``; ``--cpu`` starts one).
 Existing outputs are skipped unless --overwrite, so an interrupted run resumes where it stopped.
+Video files (mp4, mov, webm, mkv; PyAV, an optional extra) are clips: raw outputs per frame, a
+preview video, temporal alignment of depth, resuming at the first missing frame (``clips.py``).
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ import torch
 from . import writers
 from .adapters import adapter_name_for
 from .colormaps import COLORMAPS
-from .imageproc import list_images, load_image
+from .ensemble import ENSEMBLES
+from .imageproc import IMAGE_EXTENSIONS, list_images, load_image
 from .loading import PRECISIONS
 from .sampling import FINAL_OUTPUTS, SAMPLERS, SPACINGS
+from .video import VIDEO_EXTENSIONS, is_video, require_av
 
 logger = logging.getLogger("dmp")
 
@@ -37,9 +41,9 @@ _DEFAULT_FORMATS = ("npy", "png", "visual")
 
 def add_predict_parser(subparsers) -> None:
     """Register `dmp predict`."""
-    p = subparsers.add_parser("predict", help="predict dense maps for image files or folders",
+    p = subparsers.add_parser("predict", help="predict dense maps for image or video files or folders",
                               description="Predict with DMP task adapters; writes raw values and previews.")
-    p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("inputs", nargs="+", help="image or video files and/or folders (searched recursively)")
     p.add_argument("--base", required=True, help="SD 1.x base: diffusers folder or .safetensors/.ckpt file")
     p.add_argument("--adapter", action="append", required=True, metavar="PATH",
                    help="adapter file or folder; repeat for several tasks (one VAE encode serves all)")
@@ -64,6 +68,21 @@ def add_predict_parser(subparsers) -> None:
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "dmp"),
                    help="cache for the empty-prompt embedding (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist")
+    p.add_argument("--temporal-alignment", type=float, default=1.0, metavar="STRENGTH",
+                   help="video files: align each depth frame's scale to the frames before it, 0 (off) to 1 "
+                        "(default: %(default)s); images are never aligned")
+    p.add_argument("--tile", action="store_true",
+                   help="large images: a global pass plus overlapping tiles at the processing resolution, "
+                        "merged without seams (more detail, one pass per tile)")
+    p.add_argument("--tile-size", type=int, default=0,
+                   help="tile side in input pixels, 0 = the processing resolution (default: %(default)s)")
+    p.add_argument("--tile-overlap", type=float, default=0.25,
+                   help="blend ramp between tiles, a fraction of the tile in (0, 0.5] (default: %(default)s)")
+    p.add_argument("--ensemble", choices=ENSEMBLES, default="none",
+                   help="flip: predict each image and its mirror in one batch and merge them (default: %(default)s)")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="with --ensemble flip: also write _uncertainty.npy (the members' disagreement) and "
+                        "_uncertainty.png (grey, white = high)")
     p.set_defaults(func=run_predict)
 
 
@@ -111,11 +130,14 @@ def _shard(files: list[Path]) -> tuple[list[Path], int, int, str]:
 _PNG_SUFFIX = {"depth": "_depth16.png", "segmentation": "_classes.png"}
 
 
-def prediction_paths(task: str, stem: Path, folder: Path, formats: Sequence[str]) -> dict[str, Path]:
+def prediction_paths(task: str, stem: Path, folder: Path, formats: Sequence[str],
+                     uncertainty: bool = False) -> dict[str, Path]:
     """The files one image's prediction is written to, in writing order (the last one marks it done)."""
     base = folder / stem
     suffixes = {"npy": ".npy", "png": _PNG_SUFFIX.get(task), "exr": ".exr"}
     paths = {f: base.with_name(base.name + suffixes[f]) for f in writers.raw_formats(task) if f in formats}
+    if uncertainty:
+        paths.update({f"uncertainty_{ext}": base.with_name(f"{base.name}_uncertainty.{ext}") for ext in ("npy", "png")})
     if "visual" in formats:
         paths["visual"] = base.with_name(base.name + "_visual.png")
     return paths
@@ -127,6 +149,10 @@ def write_prediction(prediction, index: int, paths: dict[str, Path]) -> None:
     for file_format, path in paths.items():
         if file_format == "visual":
             writers.write_png8(path, prediction.visual[index].numpy())
+        elif file_format == "uncertainty_npy":
+            writers.write_npy(path, prediction.uncertainty[index].numpy())
+        elif file_format == "uncertainty_png":
+            writers.write_png8(path, prediction.uncertainty_visual[index].numpy())
         else:
             writers.write_raw(path, prediction.task, raw, file_format)
 
@@ -163,15 +189,28 @@ def run_predict(args: argparse.Namespace) -> int:
         options = PredictOptions(steps=args.steps, sampler=args.sampler, spacing=args.spacing,
                                  processing_resolution=args.processing_resolution,
                                  guidance_scale=args.guidance_scale, final_output=args.final_output,
-                                 batch_size=args.batch_size, colormap=args.colormap)
-        files = list_images(args.inputs)
+                                 batch_size=args.batch_size, colormap=args.colormap, tile=args.tile,
+                                 tile_size=args.tile_size, tile_overlap=args.tile_overlap, ensemble=args.ensemble)
+        if args.uncertainty and args.ensemble == "none":
+            raise ValueError("--uncertainty needs --ensemble flip: the uncertainty is how far the ensemble's "
+                             "members disagree")
+        files = list_images(args.inputs, IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
         if not files:
-            raise ValueError(f"no images found in {args.inputs}")
+            raise ValueError(f"no images found in {args.inputs} (nor video files)")
+        clip_options = options.updated(temporal_alignment=args.temporal_alignment)
+        if any(is_video(file) for file in files):  # clips: checked here, before the model loads
+            from .clips import check_clip_formats
+
+            check_clip_formats(formats)
+            require_av()
+            if args.uncertainty:
+                raise ValueError("--uncertainty writes one file per image and is not available for video inputs; "
+                                 "predict the clip without it (or its frames as images)")
         stems = output_stems(files, args.inputs)
         names = [adapter_name_for(path) for path in args.adapter]
         if len(set(names)) < len(names):
             raise ValueError(f"adapters must have distinct names, got {names}")
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
         logger.error("%s", err)
         return 2
     # 2. This process's share of the files, and the model (a wrong base or adapter is a usage error).
@@ -191,10 +230,11 @@ def run_predict(args: argparse.Namespace) -> int:
     output = Path(args.output)
 
     def paths(file: Path, name: str) -> dict[str, Path]:
-        return prediction_paths(model.adapters[name].task, stems[file], output / name, formats)
+        return prediction_paths(model.adapters[name].task, stems[file], output / name, formats, args.uncertainty)
 
     # 3. Skip what an earlier run wrote; predict the rest in same-size batches, one encode for all tasks.
-    todo = [f for f in mine if args.overwrite or not all(list(paths(f, n).values())[-1].exists() for n in names)]
+    image_files = [f for f in mine if not is_video(f)]
+    todo = [f for f in image_files if args.overwrite or not all(list(paths(f, n).values())[-1].exists() for n in names)]
     failed: list[Path] = []
     bar = tqdm(total=len(todo), desc=f"dmp predict [{rank + 1}/{world}]" if world > 1 else "dmp predict",
                unit="img", disable=None)
@@ -216,9 +256,18 @@ def run_predict(args: argparse.Namespace) -> int:
                     failed.append(file)
         bar.update(len(batch_files))
     bar.close()
-    # 4. One summary line per process (tests and users read it).
+    # 4. Video files: each a clip, streamed in chunks, resumed at its first missing frame.
+    written, skipped = len(todo) - len(failed), len(image_files) - len(todo)
+    if len(image_files) < len(mine):
+        from .clips import ClipJob, predict_clips
+
+        job = ClipJob(model, {n: model.adapters[n] for n in names}, output, formats, clip_options, args.prompt,
+                      args.overwrite)
+        clips_written, clips_skipped, clips_failed = predict_clips(job, [f for f in mine if is_video(f)], stems)
+        written, skipped, failed = written + clips_written, skipped + clips_skipped, failed + clips_failed
+    # 5. One summary line per process (tests and users read it).
     logger.info("process %d/%d: %d written, %d skipped (already there), %d failed",
-                rank + 1, world, len(todo) - len(failed), len(mine) - len(todo), len(failed))
+                rank + 1, world, written, skipped, len(failed))
     return 1 if failed else 0
 
 

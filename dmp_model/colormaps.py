@@ -12,20 +12,31 @@ Each map is a short table of RGB stops at evenly spaced positions, interpolated 
 
 The 17-stop maps stay within 6.3/255 of the published tables per channel and reproduce their
 first and last colours (to 4 decimals): close enough for previews, never for measurements.
+
+Ranges (``RANGE_MODES``): values are mapped to [0, 1] between a low and a high value taken per
+image ("image", the default), over the whole batch ("batch": one range for every frame of a clip,
+so a frame's colours do not change when other content enters the view), or given ("fixed", e.g.
+near and far in metres).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 
 import torch
 
 COLORMAPS = ("Spectral", "inferno", "turbo", "viridis", "gray")
+# Where normalisation ranges come from: each image, the whole batch (a clip), or given values.
+RANGE_MODES = ("image", "batch", "fixed")
 LUT_SIZE = 256
 
 # torch.quantile refuses inputs above 2**24 elements; larger images use a regular subsample.
 _QUANTILE_MAX_ELEMENTS = 1 << 24
+# Batch (clip) percentiles use a regular subsample above this many values: a quarter million
+# samples pin a colour range closely, and the sort's memory stays small however long the clip.
+_BATCH_SAMPLE_ELEMENTS = 1 << 18
 
 _STOPS: dict[str, tuple[tuple[float, float, float], ...]] = {
     "Spectral": tuple(
@@ -149,6 +160,124 @@ def _percentile(image: torch.Tensor, pct: float) -> torch.Tensor:
     return torch.nanquantile(image, pct / 100)
 
 
+def batch_percentiles(
+    values: torch.Tensor, low_pct: float = 0.0, high_pct: float = 100.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Low and high percentiles of all finite values of a batch together (a clip's frames as one).
+
+    Above 2**18 values, percentiles other than 0 and 100 come from a regular subsample of every
+    k-th value (each image contributes alike), so that a long clip needs no clip-sized sort; 0 and
+    100 are the exact extremes, found image by image.
+
+    Args:
+        values: float tensor [B, H, W].
+        low_pct, high_pct: percentiles, 0 <= low_pct < high_pct <= 100.
+
+    Returns:
+        (low, high), float32 tensors [B] holding the same value for every image; NaN without finite values.
+    """
+    _check_values(values)
+    _check_percentiles(low_pct, high_pct)
+    flat = values.reshape(-1)
+    if flat.numel() > _BATCH_SAMPLE_ELEMENTS:
+        flat = flat[:: -(-flat.numel() // _BATCH_SAMPLE_ELEMENTS)]
+    flat = flat.float()
+    flat = torch.where(flat.isfinite(), flat, torch.nan)
+    low, high = _percentile(flat, low_pct), _percentile(flat, high_pct)
+    if low_pct == 0 or high_pct == 100:
+        lows, highs = per_image_percentiles(values[:0])  # empty [0] tensors, for B = 0
+        for image in values:  # one image at a time: no batch-sized copy
+            image_low, image_high = per_image_percentiles(image[None])
+            lows, highs = torch.cat([lows, image_low]), torch.cat([highs, image_high])
+        low = _nan_reduce(lows, torch.min) if low_pct == 0 else low
+        high = _nan_reduce(highs, torch.max) if high_pct == 100 else high
+    count = values.shape[0]
+    return low.expand(count).clone(), high.expand(count).clone()
+
+
+def _nan_reduce(values: torch.Tensor, reduce) -> torch.Tensor:
+    """min or max of the non-NaN entries of a flat tensor ([] tensor; NaN when there are none)."""
+    finite = values[~values.isnan()]
+    return reduce(finite) if finite.numel() else values.new_tensor(float("nan"))
+
+
+def value_range(
+    values: torch.Tensor,
+    range_mode: str = "image",
+    low_pct: float = 0.0,
+    high_pct: float = 100.0,
+    fixed_range: tuple[float, float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The values that normalisation maps to 0 and 1, for each image.
+
+    Args:
+        values: float tensor [B, H, W].
+        range_mode: one of RANGE_MODES: "image" (each image's own percentiles), "batch" (the
+            percentiles of the whole batch, the same for every image: use it for a clip's frames; a
+            batch of one gives the "image" result) or "fixed" (`fixed_range`, percentiles ignored).
+        low_pct, high_pct: percentiles for "image" and "batch", 0 <= low_pct < high_pct <= 100.
+        fixed_range: (low, high) in the values' units (e.g. near and far in metres), finite,
+            low < high; needed by "fixed" only (ignored otherwise).
+
+    Returns:
+        (low, high), float32 tensors [B].
+    """
+    if range_mode not in RANGE_MODES:
+        raise ValueError(f"range_mode must be one of {RANGE_MODES}, got {range_mode!r}")
+    if range_mode == "image":
+        return per_image_percentiles(values, low_pct, high_pct)
+    if range_mode == "batch":
+        return batch_percentiles(values, low_pct, high_pct)
+    _check_values(values)
+    low, high = check_fixed_range(fixed_range)
+    return torch.full((values.shape[0],), low), torch.full((values.shape[0],), high)
+
+
+def check_fixed_range(fixed_range, arg: str = "fixed_range") -> tuple[float, float]:
+    """(low, high) as floats, or a ValueError naming `arg` unless two finite numbers with low < high."""
+    ok = isinstance(fixed_range, (tuple, list)) and len(fixed_range) == 2 and all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in fixed_range)
+    if not ok or not fixed_range[0] < fixed_range[1]:
+        raise ValueError(f"{arg} must be two finite numbers (low, high) with low < high for range_mode "
+                         f"'fixed', got {fixed_range!r}")
+    return float(fixed_range[0]), float(fixed_range[1])
+
+
+def normalize_between(values: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """(v - low) / (high - low) per image, clamped to [0, 1].
+
+    Args:
+        values: float tensor [B, H, W]; low, high: tensors [B] (e.g. from ``value_range``).
+
+    Returns:
+        float32 tensor [B, H, W] in [0, 1]. Non-finite values, and every pixel of an image whose
+        low and high coincide (or are NaN), give 0, never NaN.
+    """
+    low, high = low.float().view(-1, 1, 1).to(values.device), high.float().view(-1, 1, 1).to(values.device)
+    span = high - low
+    ok = span > 0  # False for constant images and NaN percentiles
+    out = (values.float() - low) / torch.where(ok, span, torch.ones_like(span))
+    out = torch.where(ok & out.isfinite(), out, torch.zeros_like(out))
+    return out.clamp(0.0, 1.0)
+
+
+def normalize(
+    values: torch.Tensor,
+    range_mode: str = "image",
+    low_pct: float = 0.0,
+    high_pct: float = 100.0,
+    fixed_range: tuple[float, float] | None = None,
+) -> torch.Tensor:
+    """Min-max normalisation to [0, 1] between a range per image, over the batch or fixed.
+
+    Args as ``value_range`` (`range_mode` one of RANGE_MODES, default per image).
+
+    Returns:
+        float32 tensor [B, H, W] in [0, 1] (see ``normalize_between``).
+    """
+    return normalize_between(values, *value_range(values, range_mode, low_pct, high_pct, fixed_range))
+
+
 def normalize_per_image(
     values: torch.Tensor, low_pct: float = 0.0, high_pct: float = 100.0
 ) -> torch.Tensor:
@@ -163,13 +292,7 @@ def normalize_per_image(
         float32 tensor [B, H, W] in [0, 1], clamped. Non-finite values, and every pixel of an
         image whose percentiles coincide (a constant image), give 0, never NaN.
     """
-    low, high = per_image_percentiles(values, low_pct, high_pct)  # [B], [B]
-    low, high = low.view(-1, 1, 1), high.view(-1, 1, 1)
-    span = high - low
-    ok = span > 0  # False for constant images and NaN percentiles
-    out = (values.float() - low) / torch.where(ok, span, torch.ones_like(span))
-    out = torch.where(ok & out.isfinite(), out, torch.zeros_like(out))
-    return out.clamp(0.0, 1.0)
+    return normalize(values, "image", low_pct, high_pct)
 
 
 def _check_values(values: torch.Tensor) -> None:

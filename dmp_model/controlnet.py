@@ -10,9 +10,12 @@ All maps are channels-last float32 [B, H, W, 3] in [0, 1], on the input's device
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
-from .colormaps import normalize_per_image, per_image_percentiles
+from .colormaps import RANGE_MODES, normalize, normalize_between, value_range
 from .palettes import paint
 
 DEPTH_CONTROL_MODES = ("percentile", "disparity")
@@ -36,21 +39,30 @@ def depth_to_control(
     invert: bool = False,
     low_pct: float = 2.0,
     high_pct: float = 85.0,
+    range_mode: str = "image",
+    near: float | None = None,
+    far: float | None = None,
 ) -> torch.Tensor:
     """ControlNet depth condition (``control_v11f1p_sd15_depth``, near is white) from metric depth.
 
     Args:
         depth: float tensor [B, H, W], depth z in metres, finite.
-        mode: one of DEPTH_CONTROL_MODES, per image:
+        mode: one of DEPTH_CONTROL_MODES:
             "percentile": v = clip(1 - (z - P_low(z)) / (P_high(z) - P_low(z)), 0, 1);
             "disparity": 1 / max(z, 1 mm), min-max normalised to [0, 1].
         invert: return 1 - v (near is black).
         low_pct, high_pct: the percentiles of "percentile" mode (default P2 and P85: the nearest
             2 % of the image are white, the farthest 15 % black); ignored by "disparity".
+        range_mode: where the range comes from, one of RANGE_MODES: "image" (each image's own,
+            the default), "batch" (the whole batch's percentiles, or its disparity minimum and
+            maximum: one range for all frames of a clip, so maps of consecutive frames do not
+            flicker as content enters or leaves the view) or "fixed" (`near` white, `far` black).
+        near, far: metres, 0 < near < far; "fixed" only (ignored otherwise). In "disparity" mode
+            1 / far maps to 0 and 1 / near to 1.
 
     Returns:
-        float32 tensor [B, H, W, 3], v repeated to grey RGB in [0, 1]. A constant-depth image
-        gives v = 0 everywhere (1 with invert), never NaN.
+        float32 tensor [B, H, W, 3], v repeated to grey RGB in [0, 1]. A constant range (a
+        constant-depth image, per image or batch) gives v = 0 everywhere (1 with invert), never NaN.
     """
     if not isinstance(depth, torch.Tensor) or not depth.is_floating_point():
         raise TypeError(f"depth must be a floating-point torch.Tensor, got {_describe(depth)}")
@@ -58,20 +70,31 @@ def depth_to_control(
         raise ValueError(f"depth must have shape [B, H, W], got {tuple(depth.shape)}")
     if mode not in DEPTH_CONTROL_MODES:
         raise ValueError(f"mode must be one of {DEPTH_CONTROL_MODES}, got {mode!r}")
+    if range_mode not in RANGE_MODES:
+        raise ValueError(f"range_mode must be one of {RANGE_MODES}, got {range_mode!r}")
+    fixed = _near_far(near, far) if range_mode == "fixed" else None
     if not bool(depth.isfinite().all()):
         raise ValueError("depth must be finite, got NaN or infinite values")
     z = depth.float()
     if mode == "percentile":
-        low, high = (p.view(-1, 1, 1) for p in per_image_percentiles(z, low_pct, high_pct))
-        span = high - low
-        ok = span > 0  # [B, 1, 1]; False for constant depth
-        v = (1 - (z - low) / torch.where(ok, span, torch.ones_like(span))).clamp(0.0, 1.0)
-        v = torch.where(ok, v, torch.zeros_like(v))
+        low, high = value_range(z, range_mode, low_pct, high_pct, fixed)
+        ok = (high > low).view(-1, 1, 1)  # False for a constant range
+        v = torch.where(ok, 1 - normalize_between(z, low, high), torch.zeros_like(z))
     else:
-        v = normalize_per_image(1.0 / z.clamp_min(_MIN_DEPTH))
+        disparity_range = None if fixed is None else (1 / fixed[1], 1 / fixed[0])  # far is the smaller one
+        v = normalize(1.0 / z.clamp_min(_MIN_DEPTH), range_mode, fixed_range=disparity_range)
     if invert:
         v = 1 - v
     return v.unsqueeze(-1).repeat(1, 1, 1, 3)
+
+
+def _near_far(near, far) -> tuple[float, float]:
+    """Checked (near, far) in metres for range_mode "fixed"."""
+    ok = all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in (near, far))
+    if not ok or not 0 < near < far:
+        raise ValueError(f"near and far must be depths in metres with 0 < near < far for range_mode 'fixed', "
+                         f"got near={near!r}, far={far!r}")
+    return float(near), float(far)
 
 
 def convert_normals(normals: torch.Tensor, source: str, target: str) -> torch.Tensor:

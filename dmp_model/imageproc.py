@@ -125,22 +125,29 @@ def to_image_batch(images) -> torch.Tensor:
             raise ValueError(f"images of different sizes {sizes} cannot share a batch; "
                              "predict them separately (the CLI groups files by size)")
         batch = torch.stack(tensors)
-    check_image_batch(batch)
-    return batch.clamp(0, 1).contiguous()
+    low, high = check_image_batch(batch)
+    # No copy of a valid float32 batch (not even for layout): a clip's frames stay the caller's one
+    # tensor, and prediction frames it chunk by chunk.
+    return batch.clamp(0, 1) if low < 0 or high > 1 else batch
 
 
-def check_image_batch(batch: torch.Tensor) -> None:
-    """Refuse empty batches, zero-sized images, NaN/Inf pixels and 0-255 floats before any work is done."""
+def check_image_batch(batch: torch.Tensor) -> tuple[float, float]:
+    """Refuse empty batches, zero-sized images, NaN/Inf pixels and 0-255 floats before any work is done.
+
+    Returns:
+        the smallest and largest pixel value.
+    """
     if batch.shape[0] == 0:
         raise ValueError("no images given (empty batch)")
     if batch.shape[-1] == 0 or batch.shape[-2] == 0:
         raise ValueError(f"images have zero size {tuple(batch.shape[-2:])}")
-    if not torch.isfinite(batch).all():
+    if not all(bool(torch.isfinite(image).all()) for image in batch):  # per image: no batch-sized mask
         raise ValueError("images contain NaN or infinite pixel values; clean the input (e.g. clamp to [0, 1])")
     low, high = batch.min().item(), batch.max().item()
     if low < -0.5 or high > 2.0:  # small overshoots from upstream resampling are clamped below
         raise ValueError(f"image values span {low:g}..{high:g}, expected floats in [0, 1] "
                          "(divide 0-255 images by 255)")
+    return low, high
 
 
 def processing_size(height: int, width: int, resolution: int) -> tuple[int, int]:
@@ -185,13 +192,13 @@ def unframe(decoded: torch.Tensor, framing: Framing) -> torch.Tensor:
     return decoded[..., : framing.processing_size[0], : framing.processing_size[1]]
 
 
-def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Image files among `inputs` (files, or folders searched recursively), sorted, de-duplicated."""
+def list_images(inputs: Sequence[str | os.PathLike], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Image files among `inputs` (files, or folders searched recursively for `extensions`), sorted, de-duplicated."""
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found.extend(p for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS)
+            found.extend(p for p in sorted(path.rglob("*")) if p.suffix.lower() in extensions)
         elif path.is_file():
             found.append(path)
         else:

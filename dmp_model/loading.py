@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -103,13 +102,17 @@ def check_diffusers_folder(folder: Path) -> None:
         raise CheckpointError(f"{folder} is not Stable Diffusion 1.x: " + "; ".join(problems))
 
 
+def sd1_scheduler_config() -> dict:
+    """SD 1.x's scheduler constants (the release config DMP was trained with), bundled with the package."""
+    return json.loads((SD1_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+
+
 def _load_scheduler_config(folder: Path | None) -> dict:
     """The folder's scheduler constants when it has them, else SD 1.x's."""
-    for candidate in ([folder / "scheduler" / "scheduler_config.json"] if folder else []) + \
-            [SD1_CONFIG_DIR / "scheduler" / "scheduler_config.json"]:
-        if candidate.is_file():
-            return json.loads(candidate.read_text(encoding="utf-8"))
-    raise FileNotFoundError("bundled scheduler config missing from the package")
+    candidate = folder / "scheduler" / "scheduler_config.json" if folder else None
+    if candidate is not None and candidate.is_file():
+        return json.loads(candidate.read_text(encoding="utf-8"))
+    return sd1_scheduler_config()
 
 
 def _tokenizer_loader(*candidates: Path | None) -> Callable[[], object]:
@@ -256,39 +259,3 @@ def _single_file_text_encoder_loader(path: Path, config_dir: Path, dtype: torch.
 
     return load
 
-
-def estimate_base_bytes(path: str | os.PathLike, precision: str = "fp32") -> int:
-    """Bytes the UNet and VAE of a base will take once loaded, to free that much memory first.
-
-    Safetensors headers give exact parameter counts without reading any weights; pickled files
-    (.ckpt, .bin) count by their size on disk, an upper bound. The text encoder is not counted:
-    it is loaded lazily, and only for prompts.
-
-    Args:
-        path: a diffusers folder or a single-file checkpoint (as ``load_base`` takes).
-        precision: one of PRECISIONS; "auto" counts as fp32, the larger.
-
-    Returns:
-        the estimate in bytes (0 when `path` does not exist).
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    itemsize = _DTYPES.get(precision, torch.float32).itemsize
-    path = Path(path)
-    if path.is_file():
-        files, prefixes = [path], ("model.diffusion_model.", "first_stage_model.")
-    elif path.is_dir():
-        files = sorted(f for part in ("unet", "vae") for f in (path / part).glob("*")
-                       if f.suffix in (".safetensors", ".bin"))
-        prefixes = ("",)
-    else:
-        return 0
-    total = 0
-    for file in files:
-        if file.suffix != ".safetensors":
-            total += file.stat().st_size
-            continue
-        for key, shape in read_key_shapes(file).items():
-            if key.startswith(prefixes):
-                total += math.prod(shape) * itemsize
-    return total

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,16 +48,54 @@ class Schedule:
     clip_sample: float | None
 
 
-def schedule_from_config(scheduler_config: dict) -> Schedule:
-    """Resolve a scheduler config as diffusers' DDIMScheduler does, defaults included (as the reference)."""
-    from diffusers import DDIMScheduler
+# What a scheduler config may say, with diffusers' DDIMScheduler defaults for what it leaves out
+# (the reference builds its DDIM scheduler from the base's config, so missing keys mean these).
+_DDIM_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+                  "trained_betas": None, "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True,
+                  "steps_offset": 0, "thresholding": False, "rescale_betas_zero_snr": False}
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
-    scheduler = DDIMScheduler.from_config(scheduler_config)
-    config = scheduler.config
-    if config.thresholding:
+
+def betas_for_schedule(name: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """float32 betas [T] of a named schedule, with diffusers' arithmetic (so alphas match bit for bit).
+
+    "scaled_linear" is SD 1.x's: linspace(sqrt(0.00085), sqrt(0.012), 1000) ** 2; "squaredcos_cap_v2" is
+    the cosine schedule of Nichol and Dhariwal (2021), betas capped at 0.999.
+    """
+    if name == "linear":
+        return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    if name == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    if name == "squaredcos_cap_v2":
+        def alpha_bar(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        steps = range(num_train_timesteps)
+        return torch.tensor([min(1 - alpha_bar((i + 1) / num_train_timesteps) / alpha_bar(i / num_train_timesteps),
+                                 0.999) for i in steps], dtype=torch.float32)
+    raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {name!r}")
+
+
+def schedule_from_config(scheduler_config: dict) -> Schedule:
+    """Resolve a diffusers scheduler config as its DDIMScheduler does, defaults included (as the reference).
+
+    Pure torch, so that the ComfyUI nodes, which must not import diffusers, share it.
+    """
+    config = {**_DDIM_DEFAULTS, **{k: v for k, v in scheduler_config.items() if k in _DDIM_DEFAULTS}}
+    if config["rescale_betas_zero_snr"]:
+        raise ValueError("scheduler configs with rescale_betas_zero_snr are not supported: DMP's adapters were "
+                         "trained on SD 1.x's schedule, which does not rescale")
+    if config["thresholding"]:
         logger.warning("the scheduler config asks for dynamic thresholding, which DMP does not use; ignored")
-    return Schedule(scheduler.alphas_cumprod.clone(), torch.as_tensor(scheduler.final_alpha_cumprod).clone(),
-                    int(config.steps_offset), float(config.clip_sample_range) if config.clip_sample else None)
+    if config["trained_betas"] is not None:
+        betas = torch.tensor(config["trained_betas"], dtype=torch.float32)
+    else:
+        betas = betas_for_schedule(config["beta_schedule"], int(config["num_train_timesteps"]),
+                                   config["beta_start"], config["beta_end"])
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    final_alpha = torch.tensor(1.0) if config["set_alpha_to_one"] else alphas_cumprod[0].clone()
+    return Schedule(alphas_cumprod, final_alpha, int(config["steps_offset"]),
+                    float(config["clip_sample_range"]) if config["clip_sample"] else None)
 
 
 def get_timesteps(

@@ -14,6 +14,20 @@ it, ``decode`` reads it) and the task's natural unit on the other:
 
 ``resize`` brings a raw prediction back to the input size the way its values allow (class ids
 by nearest neighbour, normals renormalised); ``visualize`` makes a float [B, H, W, 3] preview.
+
+Merging several predictions of one image (flip ensembles, tiles; see ``ensemble.py`` and
+``tiling.py``) follows each task's rules, stated here once per task:
+
+| task         | fitted to the reference | mirrored back   | merged               | uncertainty (0 = agree)     |
+|--------------|-------------------------|-----------------|----------------------|-----------------------------|
+| depth        | robust scale + shift    | flip            | mean                 | std of members, metres      |
+| normal       | no                      | flip, x negated | mean, renormalised   | mean angle to merge, degrees|
+| segmentation | no                      | flip            | vote (ties: first)   | share of other votes        |
+| albedo, rgb  | no                      | flip            | mean                 | std, mean over RGB          |
+| shading      | robust scale            | flip            | mean                 | std of members              |
+
+``uncertainty_level`` turns an uncertainty map into [0, 1] for previews and masks on one fixed
+scale per task (``uncertainty_scale`` is white), so that a confident image stays dark.
 """
 
 from __future__ import annotations
@@ -53,10 +67,50 @@ def _minmax(values: torch.Tensor) -> torch.Tensor:
     return (values - low.view(shape)) / scale.view(shape)
 
 
-class DepthCodec:
+class _MergeRules:
+    """Defaults of the merge rules (see the table in the module docstring): no alignment, mean, std."""
+
+    alignment: str | None = None  # None, "scale" or "scale_shift" (``alignment.fit_*``)
+    votes = False  # merged by a vote over members instead of a weighted mean
+    uncertainty_scale = 0.1  # the uncertainty shown as white by ``uncertainty_level``
+
+    def mirror(self, raw: torch.Tensor) -> torch.Tensor:
+        """A prediction of the mirrored image [B, H, W(, C)] brought back to the image's frame."""
+        return raw.flip(2)
+
+    def project(self, values: torch.Tensor) -> torch.Tensor:
+        """Averaged values back onto the task's valid set (unit normals, [0, 1], depth >= 0)."""
+        return values
+
+    def merge(self, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Aligned members [M, B, H, W(, C)] -> (merged [B, H, W(, C)], uncertainty float32 [B, H, W])."""
+        members = members.float()
+        mean = members.mean(0)
+        spread = ((members - mean) ** 2).mean(0).sqrt()  # the members' standard deviation
+        return self.project(mean), spread.mean(-1) if spread.ndim == 4 else spread
+
+    def uncertainty_level(self, uncertainty: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """Uncertainty [B, H, W] -> [0, 1] on the task's fixed scale (``uncertainty_scale`` = 1)."""
+        return (uncertainty.float() / self.uncertainty_scale).clamp(0, 1)
+
+
+class DepthCodec(_MergeRules):
     """Metric depth; training targets are depth / target_scale as grey, decoded by the channel mean."""
 
     name = "depth"
+    # Passes are fitted in depth (metres), not disparity: the codec is affine in the VAE's output, so
+    # a pass that saw less context (a tile) is off by an affine map of depth, which a fit in depth
+    # recovers exactly; a fit in disparity would also weigh near pixels far more than far ones.
+    alignment = "scale_shift"
+    uncertainty_scale = 0.1  # relative: white where the std is 10 % of the depth
+
+    def project(self, values: torch.Tensor) -> torch.Tensor:
+        return values.clamp(min=0)
+
+    def uncertainty_level(self, uncertainty: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """Std relative to the depth (std / depth, white at 10 %), so near and far look alike."""
+        relative = uncertainty.float() / raw.float().clamp_min(1e-6)
+        return (relative / self.uncertainty_scale).clamp(0, 1)
 
     def encode_target(self, depth: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
         """Depth in metres [B, H, W] -> [B, 3, H, W] in [-1, 1] (for depth <= info.target_scale)."""
@@ -70,15 +124,43 @@ class DepthCodec:
     def resize(self, depth: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return resize_images(depth.unsqueeze(1), size).squeeze(1).clamp(min=0)
 
-    def visualize(self, depth: torch.Tensor, colormap: str = "Spectral", **options) -> torch.Tensor:
-        """Near-to-far colours, per image from the 2nd to the 98th percentile of depth."""
-        return colormaps.colorize(colormaps.normalize_per_image(depth, 2, 98), colormap)
+    visual_percentiles = (2.0, 98.0)
+
+    def visualize(self, depth: torch.Tensor, colormap: str = "Spectral", range_mode: str = "image",
+                  fixed_range: tuple[float, float] | None = None, bounds: tuple[float, float] | None = None,
+                  **options) -> torch.Tensor:
+        """Near-to-far colours from the 2nd to the 98th percentile of depth, per image by default.
+
+        `range_mode` and `fixed_range` (metres) as ``colormaps.value_range``: "batch" keeps one
+        range for every frame of a clip. `bounds`: a range computed beforehand for all images (a
+        clip's, coloured a chunk at a time), used as given (equal or NaN bounds colour all alike).
+        """
+        if bounds is not None:
+            low, high = (torch.full((depth.shape[0],), float(b)) for b in bounds)
+            values = colormaps.normalize_between(depth, low, high)
+        else:
+            values = colormaps.normalize(depth, range_mode, *self.visual_percentiles, fixed_range)
+        return colormaps.colorize(values, colormap)
 
 
-class NormalCodec:
+class NormalCodec(_MergeRules):
     """Surface normals; the image is (n + 1) / 2 of the unit normal, so in VAE space it is n."""
 
     name = "normal"
+    uncertainty_scale = 20.0  # degrees between the members and their merge
+
+    def mirror(self, normals: torch.Tensor) -> torch.Tensor:
+        """Flip and negate x: horizontal in every supported convention (see controlnet.NORMAL_CONVENTIONS)."""
+        return normals.flip(2) * torch.tensor([-1.0, 1.0, 1.0], dtype=normals.dtype)
+
+    def project(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(values, dim=-1)
+
+    def merge(self, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean direction; uncertainty = mean angle (degrees) between the members and it."""
+        merged = self.project(members.float().mean(0))
+        cosine = (members.float() * merged).sum(-1).clamp(-1, 1)
+        return merged, torch.rad2deg(torch.acos(cosine)).mean(0)
 
     def encode_target(self, normals: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
         """Unit normals [B, H, W, 3] -> [B, 3, H, W] in [-1, 1]."""
@@ -96,10 +178,22 @@ class NormalCodec:
         return controlnet.normals_to_rgb(normals)
 
 
-class SegmentationCodec:
+class SegmentationCodec(_MergeRules):
     """ADE20K classes painted in the DMP palette; decoded by the nearest palette colour in CIE Lab."""
 
     name = "segmentation"
+    # Class ids are voted on, never averaged: a blend of two classes' colours could snap to a third
+    # class that no pass predicted. A vote only ever returns ids some pass predicted.
+    votes = True
+    uncertainty_scale = 0.5  # two members that disagree: half the votes for another class
+
+    def merge(self, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Majority vote of members [M, B, H, W] (ties: the earlier member); uncertainty = share of
+        the members that voted for another class."""
+        agree = (members[:, None] == members[None]).sum(1)  # [M, B, H, W]: members agreeing with each
+        best = agree.argmax(0, keepdim=True)  # the first of the largest
+        share = agree.gather(0, best)[0].float() / members.shape[0]
+        return members.gather(0, best)[0], 1 - share
 
     def encode_target(self, class_ids: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
         """Class ids [B, H, W] -> [B, 3, H, W] in [-1, 1]."""
@@ -116,10 +210,13 @@ class SegmentationCodec:
         return palettes.paint(class_ids, "dmp")
 
 
-class AlbedoCodec:
+class AlbedoCodec(_MergeRules):
     """Relative albedo: the target image min-max normalised to [0, 1] per image."""
 
     name = "albedo"
+
+    def project(self, values: torch.Tensor) -> torch.Tensor:
+        return values.clamp(0, 1)
 
     def encode_target(self, albedo: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
         """RGB [B, H, W, 3] (any range) -> [B, 3, H, W] in [-1, 1]."""
@@ -135,10 +232,16 @@ class AlbedoCodec:
         return albedo
 
 
-class ShadingCodec:
+class ShadingCodec(_MergeRules):
     """Relative shading: a grey image min-max normalised to [0, 1], repeated to RGB."""
 
     name = "shading"
+    # Shading is min-max normalised per training image, so a pass that saw another part of the
+    # scene has another brightness: a scale fits it (the issue's rule; black stays black).
+    alignment = "scale"
+
+    def project(self, values: torch.Tensor) -> torch.Tensor:
+        return values.clamp(0, 1)
 
     def encode_target(self, shading: torch.Tensor, info: AdapterInfo) -> torch.Tensor:
         """Grey [B, H, W] or RGB [B, H, W, 3] (averaged) -> [B, 3, H, W] in [-1, 1]."""

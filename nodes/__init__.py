@@ -1,7 +1,8 @@
 """The DMP nodes for ComfyUI (V1 node classes): thin layers over ``dmp_model``.
 
 Only ``comfy_bridge`` imports ComfyUI's modules; every node converts ComfyUI's types, makes one
-``dmp_model`` call and converts back.
+``dmp_model`` call and converts back. DMP runs on core's own MODEL, VAE and CLIP (``native``): the
+pack loads no base model and needs no model library beyond what ComfyUI already has.
 """
 
 from __future__ import annotations
@@ -9,16 +10,17 @@ from __future__ import annotations
 from . import comfy_bridge
 from .maps import (DMPDepthColorize, DMPDepthToControlNet, DMPIntrinsics, DMPNormalsToControlNet,
                    DMPSegmentation)
-from .models import DMPLoader
-from .predict import DMPPredict, DMPPredictTasks
+from .adapters import DMPLoadAdapter
+from .predict import DMPPredict, DMPPredictTasks, DMPUncertainty
 from .save import DMPSave
 
 comfy_bridge.register_model_folder()
 
 NODE_CLASS_MAPPINGS = {
-    "DMPLoader": DMPLoader,
+    "DMPLoadAdapter": DMPLoadAdapter,
     "DMPPredict": DMPPredict,
     "DMPPredictTasks": DMPPredictTasks,
+    "DMPUncertainty": DMPUncertainty,
     "DMPDepthToControlNet": DMPDepthToControlNet,
     "DMPDepthColorize": DMPDepthColorize,
     "DMPNormalsToControlNet": DMPNormalsToControlNet,
@@ -28,9 +30,10 @@ NODE_CLASS_MAPPINGS = {
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "DMPLoader": "Load DMP Model",
+    "DMPLoadAdapter": "Load DMP Adapter",
     "DMPPredict": "DMP Predict",
     "DMPPredictTasks": "DMP Predict Tasks",
+    "DMPUncertainty": "DMP Uncertainty",
     "DMPDepthToControlNet": "DMP Depth → ControlNet",
     "DMPDepthColorize": "DMP Depth Colorize",
     "DMPNormalsToControlNet": "DMP Normals → ControlNet",

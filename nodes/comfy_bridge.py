@@ -1,42 +1,46 @@
-"""The one module of the pack that talks to ComfyUI: model folders, devices, memory, progress.
+"""The one module of the pack that talks to ComfyUI: model folders, its MODEL/VAE/CLIP, memory, progress.
 
-Every other module of the pack reaches ComfyUI only through these functions, so the pack
-imports (and its tests run) without ComfyUI. Where ComfyUI's modules are absent, model lists
-are empty and anything that needs ComfyUI raises a RuntimeError saying so.
+Every other module of the pack reaches ComfyUI only through these functions, so the pack imports
+(and its tests run) without ComfyUI. Where ComfyUI's modules are absent, lists are empty and
+anything that needs ComfyUI raises a RuntimeError saying so.
 
-Memory: a DMP base (UNet + VAE) is handed to ComfyUI's model management as one
-``comfy.model_patcher.ModelPatcher``, like ComfyUI's own models, so other models can push it out
-of VRAM and it is loaded back (``load_models_gpu``) before every run.
+DMP runs on what ComfyUI loaded: the ``MODEL`` of a core loader (its ``ModelPatcher``: core LoRA
+patching, low-VRAM partial loading, fp16/bf16/fp8 weights), the ``VAE`` and the ``CLIP``. Nothing
+here loads a model file of its own.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
-from ..dmp_model.adapters import ADAPTER_EXTENSIONS
+from ..dmp_model.adapters import offered_as_adapter
 
 try:
     import folder_paths
 except ModuleNotFoundError:  # plain Python: no ComfyUI
     folder_paths = None
 try:
+    import comfy.lora as comfy_lora
     import comfy.model_management as model_management
     import comfy.utils as comfy_utils
 except ModuleNotFoundError:
-    model_management = comfy_utils = None
+    comfy_lora = model_management = comfy_utils = None
+try:  # newer ComfyUI: converts a few trainers' layouts before its key maps apply
+    import comfy.lora_convert as lora_convert
+except ModuleNotFoundError:
+    lora_convert = None
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_FOLDER = "dmp"
-DIFFUSERS_PREFIX = "diffusers/"
-# Files that training runs leave beside adapters (accelerate state), never adapters themselves.
-_NOT_ADAPTERS = ("optimizer.bin", "scheduler.bin", "scaler.pt", "training_state.pt")
+# Adapter files are looked for here too: LoRAs trained with `dmp train` or converted by users.
+LORA_FOLDER = "loras"
+# ComfyUI's model configuration class of SD 1.x (comfy.supported_models.SD15): DMP's base.
+SD1_MODEL_CONFIG = "SD15"
 
 
 def available() -> bool:
@@ -68,87 +72,33 @@ def register_model_folder() -> None:
     folder_paths.folder_names_and_paths[ADAPTER_FOLDER] = (paths, set(folder_paths.supported_pt_extensions))
 
 
+def _folders() -> tuple[str, ...]:
+    return tuple(name for name in (ADAPTER_FOLDER, LORA_FOLDER) if name in folder_paths.folder_names_and_paths)
+
+
 def adapter_choices() -> list[str]:
-    """Adapter files under the 'dmp' folders, as paths relative to them (DMP's layout included:
-    'depth-hypersim-notext/pytorch_lora_weights.safetensors')."""
+    """Adapter files of models/dmp, then those of models/loras not already listed, as paths relative
+    to their folder (DMP's release layout: 'depth-hypersim-notext/pytorch_lora_weights.safetensors').
+    Training leftovers (checkpoints/step-*/state.pt, optimizer.bin, ...) are not offered."""
     if folder_paths is None:
         return []
-    return [name for name in folder_paths.get_filename_list(ADAPTER_FOLDER)
-            if os.path.splitext(name)[1].lower() in ADAPTER_EXTENSIONS
-            and os.path.basename(name) not in _NOT_ADAPTERS]
+    names: dict[str, None] = {}
+    for folder in _folders():
+        names.update((name, None) for name in folder_paths.get_filename_list(folder) if offered_as_adapter(name))
+    return list(names)
 
 
-def _diffusers_folders() -> dict[str, Path]:
-    """Diffusers model folders (those holding model_index.json) by their path relative to 'diffusers'.
-
-    Linked folders are followed, but every real folder is walked once (a link to a parent folder
-    would otherwise be walked over and over), in name order so that of two links to one model the
-    same one is always listed; a model folder's own subfolders (unet/, vae/, ...) are not walked.
-    """
-    found: dict[str, Path] = {}
-    visited: set[str] = set()
-    for root in folder_paths.get_folder_paths("diffusers"):
-        if not os.path.isdir(root):
-            continue
-        for folder, subfolders, files in os.walk(root, followlinks=True):
-            real = os.path.realpath(folder)
-            if real in visited or "model_index.json" in files:
-                subfolders.clear()  # os.walk descends only into the names left in the list
-            else:
-                subfolders.sort()
-            if real in visited:
-                continue
-            visited.add(real)
-            if "model_index.json" in files:
-                relative = os.path.relpath(folder, root).replace(os.sep, "/")
-                found.setdefault(relative, Path(folder))
-    return found
-
-
-def base_choices() -> list[str]:
-    """Bases: checkpoint files as ComfyUI's Load Checkpoint lists them, then 'diffusers/<folder>'."""
-    if folder_paths is None:
-        return []
-    folders = sorted(DIFFUSERS_PREFIX + name for name in _diffusers_folders())
-    return folder_paths.get_filename_list("checkpoints") + folders
-
-
-def resolve_base(name: str) -> Path:
-    """The file or folder of a base listed by ``base_choices``."""
+def resolve_adapter(name: str) -> str:
+    """The file of an adapter listed by ``adapter_choices`` (models/dmp first)."""
     _require()
-    if name.startswith(DIFFUSERS_PREFIX):
-        folder = _diffusers_folders().get(name[len(DIFFUSERS_PREFIX):])
-        if folder is not None:
-            return folder
-    path = folder_paths.get_full_path("checkpoints", name)
-    if path is None:
-        raise FileNotFoundError(
-            f"base model {name!r} not found in the checkpoints folders "
-            f"{folder_paths.get_folder_paths('checkpoints')} nor as a diffusers folder in "
-            f"{folder_paths.get_folder_paths('diffusers')}; put an SD 1.x checkpoint "
-            "(e.g. v1-5-pruned-emaonly.safetensors) in models/checkpoints and refresh")
-    return Path(path)
-
-
-def resolve_adapter(name: str) -> Path:
-    """The file of an adapter listed by ``adapter_choices``."""
-    _require()
-    path = folder_paths.get_full_path(ADAPTER_FOLDER, name)
-    if path is None:
-        raise FileNotFoundError(
-            f"DMP adapter {name!r} not found in the dmp model folders "
-            f"{folder_paths.get_folder_paths(ADAPTER_FOLDER)}; put adapters there in DMP's layout "
-            "(e.g. depth-hypersim-notext/pytorch_lora_weights.safetensors) and refresh")
-    return Path(path)
-
-
-def sd1_tokenizer() -> Path | None:
-    """ComfyUI's own SD 1.x CLIP tokenizer folder (comfy/sd1_tokenizer), for text prompts."""
-    source = getattr(comfy_utils, "__file__", None)
-    if not source:
-        return None
-    folder = Path(source).parent / "sd1_tokenizer"
-    return folder if (folder / "vocab.json").is_file() else None
+    for folder in _folders():
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            return path
+    searched = [p for folder in _folders() for p in folder_paths.get_folder_paths(folder)]
+    raise FileNotFoundError(f"DMP adapter {name!r} not found in {searched}; put adapters in models/dmp in DMP's "
+                            "layout (e.g. depth-hypersim-notext/pytorch_lora_weights.safetensors) or in "
+                            "models/loras, then refresh")
 
 
 def output_directory() -> str:
@@ -168,86 +118,170 @@ def save_path(prefix: str, directory: str, width: int, height: int) -> tuple[str
     return folder, stem, counter, subfolder
 
 
-# Devices and memory --------------------------------------------------------------------------
+# Core's MODEL, VAE and CLIP -------------------------------------------------------------------
 
-def torch_device() -> torch.device:
-    """The device ComfyUI computes on (the CPU under --cpu)."""
-    _require()
-    return model_management.get_torch_device()
-
-
-def offload_device() -> torch.device:
-    _require()
-    return model_management.unet_offload_device()
+def model_family(model) -> str:
+    """ComfyUI's name for the family of a MODEL (its model configuration class: SD15, SDXL, Flux, ...)."""
+    config = getattr(getattr(model, "model", None), "model_config", None)
+    return type(config).__name__ if config is not None else type(model).__name__
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' as ComfyUI would choose for this device (fp32 on the CPU and where fp16 is unsafe)."""
-    if precision != "auto":
-        return precision
-    if device.type == "cpu":
-        return "fp32"
-    if model_management.should_use_fp16(device):
-        return "fp16"
-    if model_management.should_use_bf16(device):
-        return "bf16"
-    return "fp32"
+def check_sd1_model(model) -> None:
+    """Refuse a MODEL that is not an SD 1.x UNet with 4 input channels, naming what it is."""
+    if not hasattr(model, "clone") or not hasattr(getattr(model, "model", None), "diffusion_model"):
+        raise ValueError(f"expected a MODEL from a core loader (Load Checkpoint, Load Diffusion Model, ...), "
+                         f"got {type(model).__name__}")
+    family = model_family(model)
+    if family != SD1_MODEL_CONFIG:
+        raise ValueError(f"DMP needs a Stable Diffusion 1.x model (SD 1.4 or 1.5), but this MODEL is {family}; "
+                         "load an SD 1.5 checkpoint (e.g. v1-5-pruned-emaonly) with Load Checkpoint")
+    channels = model.model.model_config.unet_config.get("in_channels", 4)
+    if channels != 4:
+        raise ValueError(f"DMP needs a plain SD 1.x model with 4 input channels; this one has {channels} "
+                         "(an inpainting or instruct-pix2pix model): use the base SD 1.5 checkpoint")
 
 
-def free_memory(bytes_needed: int, device: torch.device) -> None:
-    """Let ComfyUI unload other models until `bytes_needed` fit on `device` (nothing on the CPU)."""
-    if device.type != "cpu":
-        model_management.free_memory(bytes_needed + model_management.minimum_inference_memory(), device)
+def check_sd1_vae(vae) -> None:
+    """Refuse a VAE that is not SD 1.x's kind (4 latent channels, 8x downscaling)."""
+    if not hasattr(vae, "first_stage_model") or not hasattr(vae, "patcher"):
+        raise ValueError(f"expected a VAE from a core loader, got {type(vae).__name__}")
+    channels, ratio = getattr(vae, "latent_channels", None), getattr(vae, "downscale_ratio", None)
+    if channels != 4 or ratio != 8:
+        raise ValueError(f"DMP needs the SD 1.x VAE (4 latent channels, 8x smaller), but this VAE has {channels} "
+                         f"channels and ratio {ratio!r} (SDXL/SD3/Flux/video VAEs differ): wire the VAE of the "
+                         "SD 1.5 checkpoint")
 
 
-class DMPBaseModules(torch.nn.Module):
-    """UNet and VAE of one DMP base as a single module, the unit ComfyUI loads and offloads."""
-
-    def __init__(self, unet: torch.nn.Module, vae: torch.nn.Module, device: torch.device):
-        super().__init__()
-        self.unet, self.vae = unet, vae
-        self.device = device  # ModelPatcher reads and writes it; diffusers' own .device has no setter
+def context_width(model) -> int:
+    """The cross-attention width the MODEL's UNet expects (768 for SD 1.x)."""
+    return int(model.model.model_config.unet_config["context_dim"])
 
 
-def manage(model) -> object | None:
-    """A ModelPatcher for a DMPModel's UNet and VAE, or None where ComfyUI has none."""
-    try:
-        from comfy.model_patcher import ModelPatcher
-    except ModuleNotFoundError:
-        return None
-    modules = DMPBaseModules(model.unet, model.vae, model.device)
-    return ModelPatcher(modules, load_device=torch_device(), offload_device=offload_device())
+@dataclass(frozen=True)
+class PatchedLoRA:
+    """A MODEL clone carrying one adapter's weight patches, and what was patched."""
+
+    model: object
+    patched: int
 
 
-@contextlib.contextmanager
-def on_device(model, patcher) -> Iterator[None]:
-    """Run a DMPModel on ComfyUI's device, then give memory back.
+def apply_lora(model, lora: dict[str, torch.Tensor], strength: float) -> PatchedLoRA:
+    """ComfyUI's own LoRA patching (what ``comfy.sd.load_lora_for_models`` does for the model):
+    a clone of `model` with the LoRA's weight patches; the base weights are shared, never copied.
 
-    Before: ComfyUI loads the base fully onto its device (unloading others as needed). After:
-    the text encoder, which ComfyUI does not manage, goes to the offload device and the cache
-    is emptied. Raises ComfyUI's interrupt exception if the queue was cancelled meanwhile.
+    Raises a ValueError when a LoRA module fits no layer of this model or has the wrong shape: ComfyUI
+    itself would only log that and silently skip it.
     """
     _require()
-    model_management.throw_exception_if_processing_interrupted()
-    if patcher is not None:
-        model_management.load_models_gpu([patcher], force_full_load=True)
-        device = patcher.load_device
-    else:
-        device = torch_device()
-    model.to(device)
-    try:
-        yield
-    finally:
-        if model.text.text_encoder is not None:
-            model.text.to(offload_device())
-        model_management.soft_empty_cache()
+    key_map = comfy_lora.model_lora_keys_unet(model.model, {})
+    lora = lora_convert.convert_lora(lora) if lora_convert is not None else lora
+    patches = comfy_lora.load_lora(lora, key_map, log_missing=False)
+    modules = _lora_modules(lora)
+    problems = _shape_problems(model, patches)
+    if len(patches) < len(modules) or problems:
+        unmatched = sorted(modules - {key for key in key_map if key_map[key] in patches})
+        raise ValueError(
+            f"adapter does not fit this model: {len(patches) - len(problems)} of {len(modules)} LoRA layers fit "
+            f"(e.g. {(unmatched + problems)[:3]}). It was probably made for another base (SDXL, SD 2.x, ...): "
+            "DMP adapters need SD 1.x")
+    clone = model.clone()
+    patched = clone.add_patches(patches, strength)
+    return PatchedLoRA(clone, len(patched))
 
+
+def _lora_modules(lora: dict[str, torch.Tensor]) -> set[str]:
+    """The module names of a LoRA file in any layout, as ComfyUI's key maps name them."""
+    modules = set()
+    for key in lora:
+        for suffix in ("_lora.down.weight", ".lora_down.weight", ".lora_A.weight", ".lora.down.weight"):
+            if key.endswith(suffix):
+                modules.add(key[: -len(suffix)])
+    return modules
+
+
+def _shape_problems(model, patches: dict) -> list[str]:
+    """Patches whose up/down matrices do not fit the weight they patch."""
+    shapes = {key: tuple(value.shape) for key, value in model.model.state_dict().items()}
+    problems = []
+    for key, patch in patches.items():
+        weights = getattr(patch, "weights", None)
+        if weights is None or key not in shapes or len(shapes[key]) != 2:
+            continue
+        up, down = weights[0], weights[1]
+        if (up.shape[0], down.shape[-1]) != shapes[key]:
+            problems.append(f"{key}: adapter {down.shape[-1]}->{up.shape[0]}, layer {shapes[key][1]}->{shapes[key][0]}")
+    return problems
+
+
+def load_for_sampling(model, latent_shape: tuple[int, ...]) -> torch.device:
+    """Let ComfyUI load (and patch) `model` for UNet batches of `latent_shape`, freeing others as needed;
+    low-VRAM partial loading applies as in core's samplers. Returns the device to compute on."""
+    _require()
+    model_management.load_models_gpu([model], memory_required=model.model.memory_required(latent_shape))
+    return model.load_device
+
+
+def call_unet(model, x: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
+    """The raw UNet output (the adapter's parametrisation) for latents [b, 4, h, w] at integer timestep t.
+
+    ComfyUI's ``apply_model`` would turn the output into a denoised estimate under its own sampling
+    (sigmas); DMP's sampler needs the output itself, so the diffusion model is called directly, the
+    way ``apply_model`` calls it: inputs in the compute dtype (the manual-cast dtype for fp8
+    weights), float timesteps, output as float32.
+    """
+    base = model.model
+    dtype = base.manual_cast_dtype if getattr(base, "manual_cast_dtype", None) is not None else base.get_dtype()
+    device = model.load_device
+    timesteps = torch.full((x.shape[0],), float(t), device=device)
+    output = base.diffusion_model(x.to(device, dtype), timesteps, context=context.to(device, dtype))
+    return output.float()
+
+
+def vae_encode(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's VAE encode (deterministic: the distribution's mode) of pixels [b, 3, H, W] in [-1, 1]."""
+    return vae.encode(((pixels + 1) / 2).movedim(1, -1))
+
+
+def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's VAE model, loaded by its memory management, decoding [b, 4, h, w] to [b, 3, H, W].
+
+    ``VAE.decode`` clamps its IMAGE to [0, 1], but DMP's task codecs read the decoder's own output
+    (depth beyond the target scale, unclamped normals), so the decoder is called here as ``VAE.decode``
+    calls it. Out of memory, the batch is halved; a single image falls back to ComfyUI's tiled decode
+    (whose output is clamped: logged).
+    """
+    _require()
+    memory = vae.memory_used_decode(latents.shape, vae.vae_dtype)
+    model_management.load_models_gpu([vae.patcher], memory_required=memory,
+                                     force_full_load=getattr(vae, "disable_offload", False))
+    try:
+        with torch.no_grad():
+            decoded = vae.first_stage_model.decode(latents.to(vae.device, vae.vae_dtype))
+        return decoded.to(vae.output_device).float()
+    except model_management.OOM_EXCEPTION:
+        decoded = None  # the exception holds the failed batch's tensors until this block ends
+    model_management.soft_empty_cache(True)
+    if latents.shape[0] > 1:
+        half = latents.shape[0] // 2
+        return torch.cat([vae_decode(vae, latents[:half]), vae_decode(vae, latents[half:])])
+    logger.warning("DMP: out of memory decoding one image; using ComfyUI's tiled VAE decode, which clamps the "
+                   "decoded values (depth beyond the adapter's target scale is cut)")
+    return vae.decode_tiled(latents).movedim(-1, 1) * 2 - 1
+
+
+def clip_encode(clip, text: str) -> torch.Tensor:
+    """A prompt's embedding [1, 77k, D] with the CLIP the user wired in (as core's CLIP Text Encode)."""
+    return clip.encode_from_tokens(clip.tokenize(text)).float()
+
+
+# Progress, cancel, blocked outputs ----------------------------------------------------------
 
 class Progress:
     """A ``callback(done, total)`` for dmp_model: ComfyUI's progress bar, and its interrupt."""
 
     def __init__(self):
         _require()
+        model_management.throw_exception_if_processing_interrupted()
         self.bar = None
 
     def __call__(self, done: int, total: int) -> None:
@@ -255,6 +289,10 @@ class Progress:
         if self.bar is None:
             self.bar = comfy_utils.ProgressBar(total)
         self.bar.update_absolute(done, total)
+
+
+def soft_empty_cache() -> None:
+    model_management.soft_empty_cache()
 
 
 def blocked(message: str):

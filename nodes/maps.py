@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..dmp_model import colormaps, controlnet, palettes
-from ..dmp_model.colormaps import COLORMAPS
+from ..dmp_model.colormaps import COLORMAPS, RANGE_MODES
 from ..dmp_model.controlnet import DEPTH_CONTROL_MODES, NORMAL_CONVENTIONS
 from ..dmp_model.palettes import ADE20K_CLASSES, PALETTES
 from ..dmp_model.tasks import get_codec
@@ -17,6 +17,29 @@ def _prediction(task: str) -> tuple:
 
 def _percentile(default: float, tooltip: str) -> tuple:
     return ("FLOAT", {"default": default, "min": 0.0, "max": 100.0, "step": 0.5, "tooltip": tooltip})
+
+
+# "auto": the range the prediction's own preview used (one range for a clip's frames, else per image).
+DEPTH_RANGES = ("auto", *RANGE_MODES)
+
+
+def _range_inputs() -> dict:
+    metres = "range fixed: the depth in metres that becomes the {} end."
+    return {
+        "range_mode": (list(DEPTH_RANGES), {
+            "default": "auto",
+            "tooltip": "Over what the percentiles are taken: image (each image its own range), batch (one range "
+                       "for the whole batch: a video's frames do not flicker), fixed (near and far in metres); "
+                       "auto: batch for predictions made with batch_kind video, else image."}),
+        "near": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": metres.format("near")}),
+        "far": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip": metres.format("far")}),
+    }
+
+
+def _range_mode(prediction, range_mode: str) -> str:
+    if range_mode not in DEPTH_RANGES:
+        raise ValueError(f"range_mode must be one of {DEPTH_RANGES}, got {range_mode!r}")
+    return prediction.visual_range if range_mode == "auto" else range_mode
 
 
 class DMPDepthToControlNet:
@@ -33,6 +56,7 @@ class DMPDepthToControlNet:
             "invert": ("BOOLEAN", {"default": False, "tooltip": "Near is black instead of white."}),
             "low_percentile": _percentile(2.0, "percentile mode: the depth percentile that becomes white."),
             "high_percentile": _percentile(85.0, "percentile mode: the depth percentile that becomes black."),
+            **_range_inputs(),
         }}
 
     RETURN_TYPES = ("IMAGE",)
@@ -43,9 +67,12 @@ class DMPDepthToControlNet:
     CATEGORY = MAPS_CATEGORY
     DESCRIPTION = "Turns DMP metric depth into the condition image of depth ControlNets (near is white)."
 
-    def convert(self, prediction, mode, invert, low_percentile, high_percentile):
-        depth = require_prediction(prediction, ("depth",), "DMP Depth → ControlNet").raw
-        return (image_out(controlnet.depth_to_control(depth, mode, invert, low_percentile, high_percentile)),)
+    def convert(self, prediction, mode, invert, low_percentile, high_percentile, range_mode="auto", near=0.5,
+                far=10.0):
+        result = require_prediction(prediction, ("depth",), "DMP Depth → ControlNet")
+        control = controlnet.depth_to_control(result.raw, mode, invert, low_percentile, high_percentile,
+                                              _range_mode(result, range_mode), near, far)
+        return (image_out(control),)
 
 
 class DMPDepthColorize:
@@ -59,6 +86,7 @@ class DMPDepthColorize:
             "low_percentile": _percentile(2.0, "The depth percentile shown as the first colour (near)."),
             "high_percentile": _percentile(98.0, "The depth percentile shown as the last colour (far)."),
             "reverse": ("BOOLEAN", {"default": False, "tooltip": "Run the colour map from far to near."}),
+            **_range_inputs(),
         }}
 
     RETURN_TYPES = ("IMAGE",)
@@ -68,9 +96,11 @@ class DMPDepthColorize:
     CATEGORY = MAPS_CATEGORY
     DESCRIPTION = "Colours DMP depth with a colour map, each image normalised between two depth percentiles."
 
-    def colorize(self, prediction, colormap, low_percentile, high_percentile, reverse):
-        depth = require_prediction(prediction, ("depth",), "DMP Depth Colorize").raw
-        values = colormaps.normalize_per_image(depth, low_percentile, high_percentile)
+    def colorize(self, prediction, colormap, low_percentile, high_percentile, reverse, range_mode="auto",
+                 near=0.5, far=10.0):
+        result = require_prediction(prediction, ("depth",), "DMP Depth Colorize")
+        values = colormaps.normalize(result.raw, _range_mode(result, range_mode), low_percentile, high_percentile,
+                                     (near, far))
         return (image_out(colormaps.colorize(1 - values if reverse else values, colormap)),)
 
 

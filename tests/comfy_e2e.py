@@ -3,20 +3,29 @@
     .venv/bin/python tests/comfy_e2e.py --comfyui /path/to/ComfyUI --python /path/to/comfy-venv/bin/python
 
 It makes a throw-away ComfyUI base directory (``--base-directory``) with the pack linked into
-custom_nodes/ and random-weight models under the names the example workflows use:
-
-- full-size SD 1.5 models (a single-file checkpoint, a depth ControlNet, five adapters) that
-  ComfyUI's own loaders accept, cached in --cache (about 3 GB, made once in about a minute);
-- tiny models (a diffusers base, adapters) found through an extra_model_paths.yaml 'dmp:' entry.
+custom_nodes/ and random-weight models under the names the example workflows use, in the real
+layouts core's loaders read (made once in --cache, about 5 GB, in about a minute): an SD 1.5
+checkpoint, a depth ControlNet, the five adapters in DMP's release layout, an SD 2-shaped UNet
+(a base DMP must refuse), an SDXL LoRA, and broken adapter files.
 
 Each example workflow is converted from the UI format to the API format with the server's own
 /object_info (and, where Chromium is installed, the result must equal what ComfyUI's own
 frontend makes of the workflow, ``app.graphToPrompt()``), submitted to /prompt and awaited in
-/history; every preview must come back through
-/view and every saved file must exist. Resolutions and sampler steps are lowered for the CPU
-(--as-shipped keeps them). Bad input must come back as ComfyUI execution errors with the expected
-messages, and the server must go on working. The run prints a summary and exits non-zero on any
-failure.
+/history; every preview must come back through /view and every saved file must exist.
+Resolutions and sampler steps are lowered for the CPU (--as-shipped keeps them). Then:
+
+- the raw depth workflow 1 saves as .npy must equal ``DMPModel.predict`` (the library path, run
+  here) on the same checkpoint, adapter, image and settings, to 1e-4 of the depth range;
+- workflow 2 loads the base once (one "model_type" load in the server log for the whole graph);
+- prompts, CLIP Text Encode's conditioning, core's UNet loader with fp8 weights, tiles and a flip
+  ensemble with its uncertainty output, an adapter found
+  through extra_model_paths.yaml;
+- bad input (a non-SD 1.x model, an SDXL LoRA, corrupt, truncated and pickled adapter files, a
+  prediction given to another task's node, an unknown class name, a missing file) must come back
+  as ComfyUI execution errors with the expected messages, and the server must go on working;
+- Cancel during sampling stops within one step; 20 repeated runs keep the server's memory flat.
+
+The run prints a summary and exits non-zero on any failure.
 
 Not part of the default test run (the file name does not start with test_); as a pytest test:
 
@@ -45,43 +54,103 @@ for _path in (ROOT, ROOT / "tests"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from comfy_stubs.model_files import (ADAPTER_FILE, ADAPTERS, TINY_BASE,  # noqa: E402
-                                     write_official_adapter, write_tiny_models)
+from comfy_stubs.model_files import (ADAPTERS, adapter_choice,  # noqa: E402
+                                     write_official_adapter, write_sdxl_lora)
 from comfy_stubs.workflow_api import to_api  # noqa: E402
 
 WORKFLOWS = ROOT / "example_workflows"
 CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 CONTROLNET = "control_v11f1p_sd15_depth_fp16.safetensors"
+SD2_UNET = "sd21-unet-fp16.safetensors"
+SDXL_LORA = "sdxl_detail_lora.safetensors"
+BROKEN = {"corrupt": "broken/corrupt.safetensors", "truncated": "broken/truncated.safetensors",
+          "pickled": "broken/depth-pickled/pytorch_lora_weights.bin"}
+EXTRA_ADAPTER = "normal-extra-notext/pytorch_lora_weights.safetensors"
 SD1_CONFIG = ROOT / "dmp_model" / "configs" / "sd1"
+# The largest difference allowed between the node path and the library, relative to the depth range.
+PARITY_TOLERANCE = 1e-4
 
 
 # Models ------------------------------------------------------------------------------------------
 
 def make_full_size_models(cache: Path) -> Path:
-    """Random-weight SD 1.5 models in the real layouts (made once): checkpoints/, controlnet/, dmp/."""
+    """Random-weight models in the real layouts (made once): checkpoints/, controlnet/, dmp/, unet/, loras/."""
     import torch
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from ldm_layout import write_single_file
+    from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    done = cache / "complete"
+    done = cache / "complete-v2"
     if done.is_file():
         return cache
-    print(f"making full-size random SD 1.5 models in {cache} (once)", flush=True)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD1_CONFIG, subfolder="unet"))
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD1_CONFIG, subfolder="vae"))
-    text = CLIPTextModel(CLIPTextConfig.from_pretrained(SD1_CONFIG, subfolder="text_encoder"))
-    write_single_file(cache / "checkpoints" / CHECKPOINT, unet, vae, text, dtype=torch.float16)
-    controlnet = ControlNetModel.from_unet(unet).to(torch.float16)
-    controlnet.save_pretrained(cache / "controlnet_diffusers")
-    (cache / "controlnet").mkdir(exist_ok=True)
-    shutil.move(cache / "controlnet_diffusers" / "diffusion_pytorch_model.safetensors",
-                cache / "controlnet" / CONTROLNET)
-    for seed, name in enumerate(ADAPTERS.values(), start=1):
-        write_official_adapter(unet, cache / "dmp" / name, seed, scale=0.02)
+    print(f"making full-size random models in {cache} (once)", flush=True)
+    unet = _sd1_unet()
+    if not (cache / "checkpoints" / CHECKPOINT).is_file():
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD1_CONFIG, subfolder="vae"))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(SD1_CONFIG, subfolder="text_encoder"))
+        write_single_file(cache / "checkpoints" / CHECKPOINT, unet, vae, text, dtype=torch.float16)
+        controlnet = ControlNetModel.from_unet(unet).to(torch.float16)
+        controlnet.save_pretrained(cache / "controlnet_diffusers")
+        (cache / "controlnet").mkdir(exist_ok=True)
+        shutil.move(cache / "controlnet_diffusers" / "diffusion_pytorch_model.safetensors",
+                    cache / "controlnet" / CONTROLNET)
+        for seed, name in enumerate(ADAPTERS.values(), start=1):
+            write_official_adapter(unet, cache / "dmp" / name, seed, scale=0.02)
+    # A base DMP must refuse: an SD 2.x UNet (diffusers layout, which core's UNet loader reads).
+    sd2 = UNet2DConditionModel(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+                               use_linear_projection=True).to(torch.float16)
+    (cache / "unet").mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd2.state_dict().items()}, str(cache / "unet" / SD2_UNET))
     done.touch()
     return cache
+
+
+VIDEO_FRAMES = 8
+
+
+def write_example_video(path: Path, image) -> None:
+    """A short clip of `image` panning a pixel per frame, for workflow 5's Load Video."""
+    import numpy as np
+
+    from dmp_model.video import write_video
+
+    array = np.asarray(image, dtype=np.float32) / 255
+    frames = np.stack([np.roll(array, i, axis=1) for i in range(VIDEO_FRAMES)])
+    with write_video(path, fps=8) as write:
+        write(frames)
+
+
+def _sd1_unet():
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD1_CONFIG, subfolder="unet"))
+
+
+def write_bad_adapters(models: Path) -> None:
+    """Files a user may have that must be refused: an SDXL LoRA, a corrupt, a truncated and a pickled adapter."""
+    write_sdxl_lora(models / "loras" / SDXL_LORA)
+    broken = models / "dmp" / "broken"
+    broken.mkdir(parents=True, exist_ok=True)
+    (broken / "corrupt.safetensors").write_bytes(b"\x00\x01 not a safetensors file" * 40)
+    whole = (models / "dmp" / adapter_choice("depth")).read_bytes()
+    (broken / "truncated.safetensors").write_bytes(whole[: len(whole) // 2])
+    (broken / "depth-pickled").mkdir(exist_ok=True)
+    (broken / "depth-pickled" / "pytorch_lora_weights.bin").write_bytes(_pickle_with_code())
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo the e2e pickle ran code > /dev/null",))
+
+
+def _pickle_with_code() -> bytes:
+    import pickle
+
+    return pickle.dumps({"down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight":
+                         _Payload()})
 
 
 def _link_or_copy(source: str, target: str) -> None:
@@ -92,24 +161,29 @@ def _link_or_copy(source: str, target: str) -> None:
 
 
 def prepare_base(base: Path, cache: Path) -> Path:
-    """A ComfyUI base directory: the pack in custom_nodes, full-size models, an input image, and
-    an extra_model_paths.yaml naming the tiny models (returns the yaml)."""
+    """A ComfyUI base directory: the pack in custom_nodes, the models, an input image, and an
+    extra_model_paths.yaml naming one more adapter folder (returns the yaml)."""
     from PIL import Image
 
     models = base / "models"
     full = make_full_size_models(cache)
     for folder in ("checkpoints", "controlnet", "dmp"):
         shutil.copytree(full / folder, models / folder, dirs_exist_ok=True, copy_function=_link_or_copy)
+    unets = models / "unet"
+    unets.mkdir(parents=True, exist_ok=True)
+    _link_or_copy(str(full / "unet" / SD2_UNET), str(unets / SD2_UNET))
+    _link_or_copy(str(full / "checkpoints" / CHECKPOINT), str(unets / CHECKPOINT))  # core's UNet loader reads it
+    write_bad_adapters(models)
+    extra = base / "extra"
+    write_official_adapter(_sd1_unet(), extra / EXTRA_ADAPTER.split("/")[0], 11, scale=0.02)
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / "ComfyUI-DMP").symlink_to(ROOT, target_is_directory=True)
     (base / "input").mkdir(exist_ok=True)
     gradient = Image.linear_gradient("L").resize((96, 64)).convert("RGB")
     gradient.save(base / "input" / "example.png")
-    tiny = base / "tiny" / "models"
-    write_tiny_models(tiny, adapter_folder="tiny")
+    write_example_video(base / "input" / "example.mp4", gradient)
     yaml = base / "extra_model_paths.yaml"
-    yaml.write_text(f"dmp_e2e:\n    base_path: {tiny}\n    dmp: dmp\n    diffusers: diffusers\n"
-                    "    checkpoints: checkpoints\n", encoding="utf-8")
+    yaml.write_text(f"dmp_e2e:\n    base_path: {extra}\n    dmp: .\n", encoding="utf-8")
     return yaml
 
 
@@ -183,6 +257,12 @@ class Server:
             time.sleep(0.5)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout} s")
 
+    def rss_mb(self) -> float:
+        """The server process's resident memory in MB (Linux)."""
+        with open(f"/proc/{self.process.pid}/status", encoding="ascii") as status:
+            line = next(text for text in status if text.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
     def stop(self) -> None:
         self.process.terminate()
         try:
@@ -208,24 +288,17 @@ def for_the_cpu(prompt: dict) -> dict:
     return prompt
 
 
-def use_tiny_models(prompt: dict) -> dict:
-    """Point every DMP loader at the tiny diffusers base and the tiny adapters."""
-    prompt = copy.deepcopy(prompt)
-    for entry in prompt.values():
-        if entry["class_type"] == "DMPLoader":
-            entry["inputs"]["base"] = f"diffusers/{TINY_BASE}"
-            for key, value in entry["inputs"].items():
-                if key.startswith("adapter") and value != "none":
-                    entry["inputs"][key] = f"tiny/{value}"
-    return prompt
-
-
 def node_of(prompt: dict, class_type: str, nth: int = 0) -> str:
     return [k for k, v in prompt.items() if v["class_type"] == class_type][nth]
 
 
 def check_success(server: Server, base: Path, name: str, prompt: dict) -> str:
     """Run a prompt; every preview and saved file must arrive. Returns a one-line report."""
+    return run_success(server, base, name, prompt)[0]
+
+
+def run_success(server: Server, base: Path, name: str, prompt: dict) -> tuple[str, dict]:
+    """``check_success``, also returning the prompt's history entry (its outputs)."""
     started = time.monotonic()
     status, reply = server.submit(prompt)
     if status != 200 or reply.get("node_errors"):
@@ -234,7 +307,7 @@ def check_success(server: Server, base: Path, name: str, prompt: dict) -> str:
     if result["status"]["status_str"] != "success":
         raise AssertionError(f"{name}: {json.dumps(result['status']['messages'])[:3000]}")
     check_messages(name, prompt, server.messages(reply["prompt_id"]))
-    outputs, previews = result["outputs"], 0
+    outputs, previews, videos = result["outputs"], 0, 0
     for node_id, entry in prompt.items():
         if entry["class_type"] in ("PreviewImage", "SaveImage", "DMPSave"):
             images = outputs.get(node_id, {}).get("images", [])
@@ -250,7 +323,24 @@ def check_success(server: Server, base: Path, name: str, prompt: dict) -> str:
                     raise AssertionError(f"{name}: {file} was not written")
         if entry["class_type"] == "PreviewAny" and not outputs.get(node_id, {}).get("text"):
             raise AssertionError(f"{name}: no text from PreviewAny {node_id}")
-    return f"ok    {name}: {previews} images in {time.monotonic() - started:.1f} s"
+        if entry["class_type"] == "SaveVideo":
+            check_saved_video(name, base, outputs.get(node_id, {}))
+            videos += 1
+    saved = f"{previews} images" + (f", {videos} videos of {VIDEO_FRAMES} frames" if videos else "")
+    return f"ok    {name}: {saved} in {time.monotonic() - started:.1f} s", result
+
+
+def check_saved_video(name: str, base: Path, output: dict) -> None:
+    """A saved video holds as many frames as the example clip (read with PyAV)."""
+    from dmp_model.video import probe_video
+
+    files = output.get("images", [])
+    if not files:
+        raise AssertionError(f"{name}: SaveVideo reported no file")
+    path = base / "output" / files[0]["subfolder"] / files[0]["filename"]
+    frames = probe_video(path).frames
+    if frames != VIDEO_FRAMES:
+        raise AssertionError(f"{name}: {path.name} has {frames} frames, the input clip {VIDEO_FRAMES}")
 
 
 def check_messages(name: str, prompt: dict, messages: list[dict]) -> None:
@@ -319,18 +409,139 @@ def check_frontend(server: Server, chromium: str, info: dict) -> list[str]:
     return report
 
 
+def saved_files(base: Path, result: dict, prompt: dict, suffix: str) -> list[Path]:
+    """The files DMP Save nodes of a finished prompt wrote, with the given suffix."""
+    return [base / "output" / f["subfolder"] / f["filename"] for node_id, entry in prompt.items()
+            if entry["class_type"] == "DMPSave" for f in result["outputs"][node_id]["dmp_files"]
+            if f["filename"].endswith(suffix)]
+
+
+def check_library_parity(base: Path, name: str, prompt: dict, result: dict) -> str:
+    """Workflow 1's raw depth (.npy) against DMPModel.predict on the same checkpoint, adapter, image, settings."""
+    import numpy as np
+    import torch
+
+    from dmp_model import DMPModel
+    from dmp_model.imageproc import load_image
+
+    (saved,) = saved_files(base, result, prompt, ".npy")
+    predict = next(e["inputs"] for e in prompt.values()
+                   if e["class_type"] == "DMPPredict" and e["inputs"]["task"] == "depth")
+    adapter = next(e["inputs"]["adapter"] for e in prompt.values() if e["class_type"] == "DMPLoadAdapter"
+                   and e["inputs"]["adapter"].startswith("depth"))
+    model = DMPModel.from_pretrained(base / "models" / "checkpoints" / CHECKPOINT, device="cpu", precision="fp32")
+    model.load_adapter(base / "models" / "dmp" / adapter)
+    image = load_image(base / "input" / "example.png")
+    settings = {k: predict[k] for k in ("steps", "sampler", "spacing", "processing_resolution", "batch_size")}
+    with torch.no_grad():
+        expected = model.predict(image, **settings).raw[0].numpy()
+    ours = np.load(saved)
+    span = float(expected.max() - expected.min())
+    error = float(np.abs(ours - expected).max()) / max(span, 1e-12)
+    if ours.shape != expected.shape or not error <= PARITY_TOLERANCE:
+        raise AssertionError(f"{name}: node depth {ours.shape} differs from the library's {expected.shape} by "
+                             f"{error:.2e} of the depth range {span:.3f} m (allowed {PARITY_TOLERANCE})")
+    return f"ok    {name}: equals DMPModel.predict to {error:.1e} of the depth range ({span:.2f} m)"
+
+
+def check_one_base_load(server: Server, base: Path, name: str, prompt: dict) -> str:
+    """Generation and DMP on one checkpoint: the graph loads one model (one 'model_type' line in the log)."""
+    requests = urllib.request.Request(server.url + "/free", data=json.dumps({"unload_models": True,
+                                      "free_memory": True}).encode(), headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(requests, timeout=30).close()  # no cached outputs: the checkpoint loads again
+    server.log.flush()
+    start = Path(server.log.name).stat().st_size
+    line = check_success(server, base, name, prompt)
+    server.log.flush()
+    with open(server.log.name, encoding="utf-8", errors="replace") as log:
+        log.seek(start)
+        loads = sum(1 for text in log if text.startswith("model_type "))
+    if loads != 1:
+        raise AssertionError(f"{name}: {loads} models were loaded; generation and DMP must share one")
+    return f"{line}; 1 model loaded for generation and DMP, server RSS {server.rss_mb():.0f} MB"
+
+
+def check_interrupt(server: Server, name: str, prompt: dict) -> str:
+    """Cancel during DMP sampling: the run stops within one sampler step."""
+    status, reply = server.submit(prompt)
+    if status != 200:
+        raise AssertionError(f"{name}: rejected ({status}): {json.dumps(reply)[:1000]}")
+    at_cancel, last, total = None, 0, None
+    while True:
+        message = json.loads(server.socket.receive())
+        data = message.get("data", {})
+        if data.get("prompt_id") != reply["prompt_id"]:
+            continue
+        if message["type"] == "progress":
+            last, total = data["value"], data["max"]
+            if at_cancel is None and last >= 2:
+                at_cancel = last
+                urllib.request.urlopen(urllib.request.Request(server.url + "/interrupt", data=b"{}"), timeout=30)
+        if message["type"] in ("execution_success", "execution_error", "execution_interrupted"):
+            break
+    if message["type"] != "execution_interrupted" or at_cancel is None or last > at_cancel + 1:
+        raise AssertionError(f"{name}: {message['type']}, cancelled at step {at_cancel}, last step {last}")
+    return f"ok    {name}: cancelled at step {at_cancel} of {total}, stopped at step {last}"
+
+
+def check_memory_flat(server: Server, base: Path, name: str, prompt: dict, runs: int = 20) -> str:
+    """Repeated DMP runs (a changed setting each time, so nothing is cached) keep the server's memory flat."""
+    predict = node_of(prompt, "DMPPredict")
+    sizes = []
+    for run in range(runs):
+        changed = copy.deepcopy(prompt)
+        changed[predict]["inputs"]["batch_size"] = 2 + run % 2
+        check_success(server, base, f"{name} #{run + 1}", changed)
+        sizes.append(server.rss_mb())
+    growth = max(sizes[5:]) - sizes[4]
+    if growth > 150:
+        raise AssertionError(f"{name}: the server's memory grew by {growth:.0f} MB over runs 6-{runs}: {sizes}")
+    return (f"ok    {name}: {runs} runs, RSS {sizes[0]:.0f} MB after the first, {sizes[4]:.0f} after 5, "
+            f"{sizes[-1]:.0f} after {runs} (largest growth after run 5: {growth:+.0f} MB)")
+
+
+def with_unet_loader(prompt: dict, unet: str, weight_dtype: str) -> dict:
+    """The prompt with every Load DMP Adapter fed by core's UNet loader instead of the checkpoint's MODEL."""
+    prompt = copy.deepcopy(prompt)
+    prompt["900"] = {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": weight_dtype}}
+    for entry in prompt.values():
+        if entry["class_type"] == "DMPLoadAdapter":
+            entry["inputs"]["model"] = ["900", 0]
+    return prompt
+
+
+class Report(list):
+    """The report's lines, each printed as it comes (a run takes minutes)."""
+
+    def append(self, line: str) -> None:
+        print(line, flush=True)
+        super().append(line)
+
+    def extend(self, lines) -> None:
+        for line in lines:
+            self.append(line)
+
+
 def run_checks(server: Server, base: Path, as_shipped: bool = False,
                chromium: str | None = None) -> list[str]:
     info = server.get("/object_info")
     shrink = (lambda p: p) if as_shipped else for_the_cpu
     workflows = {p.stem: shrink(to_api(json.loads(p.read_text(encoding="utf-8")), info))
                  for p in sorted(WORKFLOWS.glob("*.json"))}
-    report = check_frontend(server, chromium, info) if chromium else []
-    # 1. Every example workflow as shipped, on full-size SD 1.5 models.
+    report = Report()
+    if chromium:
+        report.extend(check_frontend(server, chromium, info))
+    first = workflows["1_depth_normals_to_controlnet"]
+    # 1. Every example workflow on full-size SD 1.5 models; workflow 1 against the library; one base load.
     for name, prompt in workflows.items():
-        report.append(check_success(server, base, name, prompt))
-    # 2. Prompts: text through ComfyUI's SD 1.x tokenizer, and CLIP Text Encode's CONDITIONING.
-    first, third = workflows["1_depth_normals_to_controlnet"], workflows["3_all_five_tasks"]
+        if name.startswith("2_"):
+            report.append(check_one_base_load(server, base, name, prompt))
+            continue
+        line, result = run_success(server, base, name, prompt)
+        report.append(line)
+        if name.startswith("1_"):
+            report.append(check_library_parity(base, f"{name}, raw depth", prompt, result))
+    # 2. Prompts (ComfyUI's tokenizer, CLIP Text Encode's CONDITIONING), other loaders and folders.
     texted = copy.deepcopy(first)
     texted[node_of(texted, "DMPPredict")]["inputs"]["prompt"] = "a bedroom with a large bed"
     report.append(check_success(server, base, "1 with a text prompt", texted))
@@ -338,30 +549,45 @@ def run_checks(server: Server, base: Path, as_shipped: bool = False,
     conditioned[node_of(conditioned, "DMPPredict")]["inputs"]["conditioning"] = [
         node_of(conditioned, "CLIPTextEncode"), 0]
     report.append(check_success(server, base, "4 with CLIP Text Encode's conditioning", conditioned))
-    # 3. The DMP-only workflows on the tiny models of extra_model_paths.yaml (diffusers base).
-    report.append(check_success(server, base, "1 on tiny models", use_tiny_models(first)))
-    report.append(check_success(server, base, "3 on tiny models", use_tiny_models(third)))
-    # 4. Bad input: execution errors with actionable messages, and the server goes on.
-    bad = use_tiny_models(third)
+    report.append(check_success(server, base, "1 on core's UNet loader, fp8 weights",
+                                with_unet_loader(first, CHECKPOINT, "fp8_e4m3fn")))
+    extra = copy.deepcopy(first)
+    extra[node_of(extra, "DMPLoadAdapter", 1)]["inputs"]["adapter"] = EXTRA_ADAPTER
+    report.append(check_success(server, base, "1 with an adapter from extra_model_paths.yaml", extra))
+    large = copy.deepcopy(first)  # 96 x 64 at 32 px: a global pass and 12 tiles, each a flip ensemble
+    predict_id = node_of(large, "DMPPredict")
+    large[predict_id]["inputs"].update(processing_resolution=32, tile=True, ensemble="flip")
+    large["uncertainty-preview"] = {"class_type": "PreviewImage", "inputs": {"images": [predict_id, 2]}}
+    report.append(check_success(server, base, "1 tiled, as a flip ensemble, uncertainty previewed", large))
+    # 3. Bad input: execution errors with actionable messages, and the server goes on.
+    report.append(check_error(server, "an SD 2.x UNet as the base", with_unet_loader(first, SD2_UNET, "default"),
+                              "DMPLoadAdapter", "DMP needs a Stable Diffusion 1.x model"))
+    for label, adapter, message in [("an SDXL LoRA", SDXL_LORA, "adapter does not fit this model: 1 of 3"),
+                                    ("a corrupt adapter file", BROKEN["corrupt"], "corrupt.safetensors"),
+                                    ("a truncated adapter file", BROKEN["truncated"], "truncated.safetensors"),
+                                    ("a pickle with code", BROKEN["pickled"], "not loaded for safety")]:
+        bad = copy.deepcopy(first)
+        bad[node_of(bad, "DMPLoadAdapter")]["inputs"]["adapter"] = adapter
+        report.append(check_error(server, label, bad, "DMPLoadAdapter", message))
+    bad = copy.deepcopy(workflows["3_all_five_tasks"])
     bad[node_of(bad, "DMPSegmentation")]["inputs"]["classes"] = "wall, sofas"
     report.append(check_error(server, "unknown class name", bad, "DMPSegmentation",
                               "All valid names: wall, building"))
     bad = copy.deepcopy(first)
-    bad[node_of(bad, "DMPLoader")]["inputs"]["base"] = "sdxl_base_1.0.safetensors"
-    report.append(check_error(server, "SDXL as base", bad, "DMPLoader", "DMP needs a Stable Diffusion 1.x"))
-    bad = use_tiny_models(first)
-    bad[node_of(bad, "DMPLoader")]["inputs"]["adapter_2"] = f"tiny/depth-other-base/{ADAPTER_FILE}"
-    report.append(check_error(server, "adapter of another base", bad, "DMPLoader", "adapter does not fit"))
-    bad = use_tiny_models(first)
     depth_predict = next(k for k, v in bad.items() if v["class_type"] == "DMPPredict"
                          and v["inputs"]["task"] == "depth")
     bad[node_of(bad, "DMPNormalsToControlNet")]["inputs"]["prediction"] = [depth_predict, 1]
     report.append(check_error(server, "depth into the normals node", bad, "DMPNormalsToControlNet",
                               "needs a normal prediction, but got a depth prediction"))
     bad = copy.deepcopy(first)
-    bad[node_of(bad, "DMPLoader")]["inputs"]["base"] = "missing.safetensors"
-    report.append(check_rejected(server, "missing base file", bad, "missing.safetensors"))
-    again = use_tiny_models(first)
+    bad[node_of(bad, "DMPLoadAdapter")]["inputs"]["adapter"] = "missing/pytorch_lora_weights.safetensors"
+    report.append(check_rejected(server, "missing adapter file", bad, "missing/pytorch_lora_weights.safetensors"))
+    # 4. Cancel within a step; the server's memory over repeated runs; and it still works.
+    slow = copy.deepcopy(first)
+    slow[node_of(slow, "DMPPredict")]["inputs"].update(steps=40, spacing="trailing")
+    report.append(check_interrupt(server, "Cancel during DMP sampling", slow))
+    report.append(check_memory_flat(server, base, "1 repeated", first))
+    again = copy.deepcopy(first)
     again[node_of(again, "DMPDepthToControlNet")]["inputs"]["invert"] = True  # not a cached result
     report.append(check_success(server, base, "after the errors, 1 again", again))
     return report
@@ -373,7 +599,8 @@ def dump_core_nodes(server: Server, target: Path) -> None:
     used = sorted({n["type"] for p in WORKFLOWS.glob("*.json") for n in json.loads(p.read_text())["nodes"]}
                   & {k for k, v in info.items() if not v["python_module"].startswith("custom_nodes")})
     files = {("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
-             ("ControlNetLoader", "control_net_name"): "controlnet", ("LoadImage", "image"): "input"}
+             ("ControlNetLoader", "control_net_name"): "controlnet", ("LoadImage", "image"): "input",
+             ("LoadVideo", "file"): "input"}
     nodes = {}
     for name in used:
         keys = ("input", "input_order", "output", "output_name", "name", "category", "output_node")
@@ -395,10 +622,11 @@ def main(argv=None) -> int:
     parser.add_argument("--comfyui", type=Path, default=os.environ.get("COMFYUI_E2E_PATH"), required=False,
                         help="ComfyUI checkout (main.py)")
     parser.add_argument("--python", default=os.environ.get("COMFYUI_E2E_PYTHON", sys.executable),
-                        help="Python with ComfyUI's requirements and the pack's (diffusers, peft)")
+                        help="Python with ComfyUI's requirements (the pack needs nothing more); this script's "
+                             "own Python needs the library's (diffusers, peft) to make models and compare")
     parser.add_argument("--port", type=int, default=8199)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dmp-comfy-e2e",
-                        help="where the full-size random models are kept between runs")
+                        help="where the full-size random models are kept between runs (about 5 GB)")
     parser.add_argument("--keep", action="store_true", help="keep the base directory (and its server.log)")
     parser.add_argument("--as-shipped", action="store_true", help="run the workflows at their own sizes")
     parser.add_argument("--browser", default=shutil.which("chromium") or shutil.which("chromium-browser"),
@@ -418,7 +646,6 @@ def main(argv=None) -> int:
         if args.dump_core_nodes:
             dump_core_nodes(server, ROOT / "tests" / "comfy_stubs" / "core_nodes.json")
         report = run_checks(server, base, args.as_shipped, args.browser)
-        print("\n".join(report))
         print(f"{len(report)} passed, 0 failed")
         return 0
     except AssertionError as err:

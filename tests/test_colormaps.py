@@ -8,8 +8,12 @@ from dmp_model.colormaps import (
     COLORMAPS,
     colorize,
     colormap_lut,
+    RANGE_MODES,
+    batch_percentiles,
+    normalize,
     normalize_per_image,
     per_image_percentiles,
+    value_range,
 )
 
 # Entries 0, 64, 128, 192 and 255 of the published 256-entry tables (as in matplotlib).
@@ -134,3 +138,43 @@ def test_percentile_arguments_are_checked():
         normalize_per_image(values, 0, 101)
     with pytest.raises(TypeError, match="low_pct"):
         normalize_per_image(values, "2", 85)
+
+
+def test_batch_range_is_one_range_for_every_image():
+    values = torch.stack([torch.linspace(0, 1, 100), torch.linspace(2, 4, 100)]).view(2, 10, 10)
+    low, high = value_range(values, "batch")
+    assert torch.equal(low, torch.tensor([0.0, 0.0])) and torch.equal(high, torch.tensor([4.0, 4.0]))
+    out = normalize(values, "batch")
+    torch.testing.assert_close(out, values / 4)
+    assert not torch.equal(out, normalize(values, "image"))  # per image, both would span 0..1
+    single = values[1:]
+    torch.testing.assert_close(normalize(single, "batch", 2, 98), normalize_per_image(single, 2, 98))
+
+
+def test_batch_percentiles_of_large_batches_use_a_subsample(monkeypatch):
+    monkeypatch.setattr(colormaps, "_BATCH_SAMPLE_ELEMENTS", 1000)
+    ramp = torch.linspace(0, 1, 4 * 50 * 50).view(4, 50, 50)  # each image a quarter of the ramp
+    low, high = batch_percentiles(ramp, 2, 85)
+    assert abs(float(low[0]) - 0.02) < 0.01 and abs(float(high[3]) - 0.85) < 0.01
+    low, high = batch_percentiles(ramp)  # 0 and 100 stay exact
+    assert float(low[2]) == 0 and float(high[0]) == 1
+
+
+def test_fixed_range_maps_given_values_to_zero_and_one():
+    values = torch.tensor([[[1.0, 2.0, 3.0, 5.0]], [[0.0, 2.0, 2.0, 2.0]]])
+    out = normalize(values, "fixed", fixed_range=(2.0, 4.0))
+    torch.testing.assert_close(out, torch.tensor([[[0.0, 0.0, 0.5, 1.0]], [[0.0, 0.0, 0.0, 0.0]]]))
+    low, high = value_range(values, "fixed", 10, 20, fixed_range=(2, 4))  # percentiles are ignored
+    assert low.tolist() == [2.0, 2.0] and high.tolist() == [4.0, 4.0]
+
+
+def test_range_arguments_are_checked():
+    values = torch.rand(2, 4, 4)
+    with pytest.raises(ValueError, match=r"range_mode must be one of \('image', 'batch', 'fixed'\), got 'clip'"):
+        normalize(values, "clip")
+    for bad in (None, (4.0, 2.0), (1.0, float("inf")), (1.0,), ("1", 2.0), (True, 2.0)):
+        with pytest.raises(ValueError, match="fixed_range must be two finite numbers"):
+            normalize(values, "fixed", fixed_range=bad)
+    with pytest.raises(ValueError, match="low_pct"):
+        normalize(values, "batch", 90, 10)
+    assert RANGE_MODES == ("image", "batch", "fixed")

@@ -1,6 +1,7 @@
-"""The pack inside a real ComfyUI checkout (no server): loaded by ComfyUI's own loader, run with
-ComfyUI's real model management, interrupt and execution blocker. Skipped unless COMFYUI_PATH
-names a checkout; COMFYUI_PYTHON names a Python with ComfyUI's requirements (default: this one).
+"""The pack inside a real ComfyUI checkout (no server): loaded by ComfyUI's own loader, DMP on the
+MODEL/VAE/CLIP of core's Load Checkpoint (a random-weight SD 1.5), ComfyUI's real LoRA patching,
+model management, interrupt and execution blocker. Skipped unless COMFYUI_PATH names a checkout;
+COMFYUI_PYTHON names a Python with ComfyUI's requirements (default: this one).
 
     COMFYUI_PATH=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/venv/bin/python pytest tests/test_nodes_comfyui.py
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_stubs.model_files import TINY_BASE, adapter_choice, write_tiny_models
+from comfy_stubs.model_files import adapter_choice
 from comfy_stubs.stand_ins import PACK_ROOT
 from comfy_stubs.workflow_api import core_node_info
 
@@ -25,8 +26,8 @@ pytestmark = pytest.mark.skipif(not COMFYUI or not (Path(COMFYUI) / "main.py").i
                                 reason="set COMFYUI_PATH to a ComfyUI checkout to run these")
 
 # Runs in ComfyUI's Python: argv[1] = ComfyUI, argv[2] = the pack, argv[3] = a folder with models/,
-# argv[4] = JSON names {base, depth, normal, core}.
-SCRIPT = r'''
+# argv[4] = JSON names {checkpoint, depth, normal, core}.
+SCRIPT = r"""
 import asyncio, inspect, json, sys
 comfyui, pack_root, root, names = sys.argv[1:5]
 names = json.loads(names)
@@ -35,7 +36,7 @@ sys.path.insert(0, comfyui)
 import comfy.options
 comfy.options.enable_args_parsing()
 import folder_paths
-folder_paths.add_model_folder_path("diffusers", root + "/models/diffusers")
+folder_paths.add_model_folder_path("checkpoints", root + "/models/checkpoints")
 folder_paths.add_model_folder_path("dmp", root + "/models/dmp")  # as extra_model_paths.yaml does
 folder_paths.set_output_directory(root + "/output")
 folder_paths.set_temp_directory(root + "/temp")
@@ -52,27 +53,44 @@ out = {"device": str(mm.get_torch_device())}
 mappings = nodes.NODE_CLASS_MAPPINGS
 out["dmp_nodes"] = sorted(k for k in mappings if k.startswith("DMP"))
 out["dmp_paths"] = folder_paths.get_folder_paths("dmp")
-loader, predict = mappings["DMPLoader"](), mappings["DMPPredict"]()
-model = loader.load("diffusers/" + names["base"], names["depth"], "auto", adapter_2=names["normal"])[0]
-images = torch.rand(2, 24, 40, 3, generator=torch.Generator().manual_seed(0))
-settings = dict(steps=2, sampler="ddim", spacing="leading", processing_resolution=0, batch_size=4)
-visual, first = predict.predict(model, images, "depth", **settings)
+model, clip, vae = mappings["CheckpointLoaderSimple"]().load_checkpoint(names["checkpoint"])[:3]
+out["offered"] = [a for a in mappings["DMPLoadAdapter"].INPUT_TYPES()["required"]["adapter"][0]]
+loader, predict = mappings["DMPLoadAdapter"](), mappings["DMPPredict"]()
+dmp_model = loader.load(model, names["depth"], 1.0)[0]
+dmp_model = loader.load(model, names["normal"], 1.0, dmp_model=dmp_model)[0]
+out["patched"] = [len(a.model.patches) for a in dmp_model.adapters]
+out["shares_base"] = all(a.model.model is model.model for a in dmp_model.adapters) and not model.patches
+images = torch.rand(2, 48, 64, 3, generator=torch.Generator().manual_seed(0))
+settings = dict(steps=2, sampler="ddim", spacing="leading", processing_resolution=64, batch_size=4)
+with torch.inference_mode():
+    visual, first, no_uncertainty, _ = predict.predict(dmp_model, vae, clip, images, "depth", **settings)
+out["no_uncertainty"] = type(no_uncertainty).__name__
+with torch.inference_mode():  # tiles of 32 px over 48 x 64 and a flip ensemble
+    flipped = predict.predict(dmp_model, vae, clip, images, "depth", **{**settings, "processing_resolution": 32},
+                              tile=True, ensemble="flip")
+out["flip_outputs"] = [[type(o).__name__, list(getattr(o, "shape", ()))] for o in flipped[::2] + flipped[3:]]
+out["flip_uncertainty"] = list(flipped[1].uncertainty.shape)
 out["visual"] = [list(visual.shape), str(visual.dtype), visual.device.type]
-patcher = model.base.patcher
-out["patcher"] = type(patcher).__name__
-out["managed"] = any(m.model is patcher for m in mm.current_loaded_models)
+adapter = dmp_model.adapters[0].model
+out["managed"] = any(m.model is adapter for m in mm.current_loaded_models)
 mm.unload_all_models()
-out["unloaded"] = not any(m.model is patcher for m in mm.current_loaded_models)
-second = predict.predict(model, images, "depth", **settings)[1]
-out["same_after_reload"] = bool(torch.equal(first.raw, second.raw))
+out["unloaded"] = not any(m.model is adapter for m in mm.current_loaded_models)
+with torch.inference_mode():
+    normal = predict.predict(dmp_model, vae, clip, images, "normal", **settings)[1]
+    second = predict.predict(dmp_model, vae, clip, images, "depth", **settings)[1]
+out["same_after_reload_and_switch"] = bool(torch.equal(first.raw, second.raw))
+out["normal_differs"] = normal.task == "normal"
 mm.interrupt_current_processing(True)
 try:
-    predict.predict(model, images, "depth", **settings)
+    with torch.inference_mode():
+        predict.predict(dmp_model, vae, clip, images, "depth", **settings)
     out["interrupted"] = False
 except mm.InterruptProcessingException:
     out["interrupted"] = True
-out["works_after_interrupt"] = predict.predict(model, images, "normal", **settings)[1].task == "normal"
-blocked = mappings["DMPPredictTasks"]().predict(model, images, **settings)[2]
+with torch.inference_mode():
+    after = predict.predict(dmp_model, vae, clip, images, "normal", **settings)[1]
+    out["works_after_interrupt"] = after.task == "normal"
+    blocked = mappings["DMPPredictTasks"]().predict(dmp_model, vae, clip, images, **settings)[2]
 out["blocked"] = [type(blocked).__name__, blocked.message]
 core = {}
 for name in names["core"]:
@@ -84,14 +102,19 @@ for name in names["core"]:
                             for k, v in inputs.items() if k != "hidden" for n, s in v.items()}}
 out["core"] = core
 print(json.dumps(out))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
+    from comfy_e2e import CHECKPOINT, make_full_size_models  # a random-weight SD 1.5, made once (~3 GB)
+
     root = tmp_path_factory.mktemp("comfyui")
-    write_tiny_models(root / "models")
-    names = json.dumps({"base": TINY_BASE, "depth": adapter_choice("depth"),
+    cache = make_full_size_models(Path.home() / ".cache" / "dmp-comfy-e2e")
+    (root / "models").mkdir()
+    for folder in ("checkpoints", "dmp"):
+        (root / "models" / folder).symlink_to(cache / folder, target_is_directory=True)
+    names = json.dumps({"checkpoint": CHECKPOINT, "depth": adapter_choice("depth"),
                         "normal": adapter_choice("normal"), "core": sorted(core_node_info())})
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([PYTHON, "-c", SCRIPT, COMFYUI, str(PACK_ROOT), str(root), names], cwd=COMFYUI,
@@ -105,19 +128,27 @@ def result(tmp_path_factory):
 
 def test_comfyui_loads_the_pack_and_its_folders(result):
     assert result["device"] == "cpu"  # --cpu
-    assert len(result["dmp_nodes"]) == 9
+    assert len(result["dmp_nodes"]) == 10
     assert result["dmp_paths"][0].endswith(os.path.join("models", "dmp")) and len(result["dmp_paths"]) == 2
+    assert adapter_choice("depth") in [name.replace(os.sep, "/") for name in result["offered"]]
 
 
-def test_comfyui_manages_the_model_memory(result):
-    assert result["visual"] == [[2, 24, 40, 3], "torch.float32", "cpu"]
-    assert result["patcher"] == "ModelPatcher" and result["managed"] and result["unloaded"]
-    assert result["same_after_reload"]
+def test_adapters_patch_core_models_and_comfyui_manages_their_memory(result):
+    assert result["patched"] == [128, 128] and result["shares_base"]  # every official LoRA module patches
+    assert result["visual"] == [[2, 48, 64, 3], "torch.float32", "cpu"]
+    assert result["managed"] and result["unloaded"]
+    assert result["same_after_reload_and_switch"] and result["normal_differs"]
 
 
 def test_comfyui_interrupt_and_blocked_outputs(result):
     assert result["interrupted"] and result["works_after_interrupt"]
     assert result["blocked"][0] == "ExecutionBlocker" and "no segmentation adapter" in result["blocked"][1]
+
+
+def test_tiles_and_flip_ensembles_give_uncertainty_outputs_in_comfyui(result):
+    assert result["no_uncertainty"] == "ExecutionBlocker"  # without an ensemble: blocked, with a reason
+    assert result["flip_outputs"] == [["Tensor", [2, 48, 64, 3]], ["Tensor", [2, 48, 64, 3]], ["Tensor", [2, 48, 64]]]
+    assert result["flip_uncertainty"] == [2, 48, 64]
 
 
 def test_checked_in_core_node_table_matches_comfyui(result):

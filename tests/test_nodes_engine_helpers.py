@@ -1,4 +1,4 @@
-"""The small dmp_model helpers the node pack added: memory estimate, class shares, prompt length."""
+"""The small dmp_model helpers the node pack added: class shares, prompt length."""
 
 from __future__ import annotations
 
@@ -7,40 +7,9 @@ import json
 import pytest
 import torch
 
-from dmp_model.loading import estimate_base_bytes
 from dmp_model.palettes import class_fractions
 from dmp_model.text import SD_CONTEXT_LENGTH, context_length, empty_prompt_ids
-from dmp_model.tiny import build_tiny_components, save_tiny_sd, write_tiny_tokenizer
-
-
-def _bytes(*modules, itemsize=4):
-    return sum(p.numel() * itemsize for m in modules for p in m.state_dict().values())
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    components = build_tiny_components(seed=0)
-    return components, save_tiny_sd(tmp_path_factory.mktemp("tiny") / "base", components=components)
-
-
-def test_estimate_counts_unet_and_vae_of_a_diffusers_folder(tiny):
-    (unet, vae, _text), folder = tiny
-    assert estimate_base_bytes(folder, "fp32") == _bytes(unet, vae)
-    assert estimate_base_bytes(folder, "fp16") == _bytes(unet, vae, itemsize=2)
-    assert estimate_base_bytes(folder, "auto") == _bytes(unet, vae)
-    assert estimate_base_bytes(folder / "absent") == 0
-    with pytest.raises(ValueError, match="precision must be one of"):
-        estimate_base_bytes(folder, "int8")
-
-
-def test_estimate_of_a_single_file_leaves_out_the_text_encoder(tiny, tmp_path):
-    from ldm_layout import write_single_file
-
-    (unet, vae, text), _folder = tiny
-    file = write_single_file(tmp_path / "sd.safetensors", unet, vae, text, dtype=torch.float16)
-    assert estimate_base_bytes(file, "bf16") == _bytes(unet, vae, itemsize=2)
-    pickled = write_single_file(tmp_path / "sd.ckpt", unet, vae, text)
-    assert estimate_base_bytes(pickled) == pickled.stat().st_size  # an upper bound without unpickling
+from dmp_model.tiny import write_tiny_tokenizer
 
 
 def test_class_fractions_largest_first():

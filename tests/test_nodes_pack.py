@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 
 from comfy_stubs import stand_ins
-from comfy_stubs.model_files import ADAPTER_FILE, TINY_BASE, write_tiny_models
+from comfy_stubs.model_files import ADAPTER_FILE, write_tiny_models
 
 ROOT = stand_ins.PACK_ROOT
-NODE_IDS = ("DMPLoader", "DMPPredict", "DMPPredictTasks", "DMPDepthToControlNet", "DMPDepthColorize",
-            "DMPNormalsToControlNet", "DMPSegmentation", "DMPIntrinsics", "DMPSave")
-SOCKET_TYPES = {"DMP_MODEL", "DMP_PREDICTION", "IMAGE", "MASK", "CONDITIONING", "STRING"}
+NODE_IDS = ("DMPLoadAdapter", "DMPPredict", "DMPPredictTasks", "DMPUncertainty", "DMPDepthToControlNet",
+            "DMPDepthColorize", "DMPNormalsToControlNet", "DMPSegmentation", "DMPIntrinsics", "DMPSave")
+SOCKET_TYPES = {"DMP_MODEL", "DMP_PREDICTION", "IMAGE", "MASK", "CONDITIONING", "STRING", "MODEL", "VAE", "CLIP"}
+# What ComfyUI does not install: the pack must run without them (the engine's library path uses them).
+MODEL_LIBRARIES = ("diffusers", "peft", "transformers", "accelerate")
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 
 
@@ -26,8 +28,10 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 def pack(tmp_path_factory):
     """The pack loaded by path with ComfyUI stand-ins; an extra 'dmp' path registered beforehand,
     as ComfyUI does when extra_model_paths.yaml names one."""
+    from dmp_model.tiny import build_tiny_components
+
     base = tmp_path_factory.mktemp("comfyui")
-    write_tiny_models(base / "models")
+    write_tiny_models(base / "models", build_tiny_components(seed=0)[0])
     stand_ins.install(base)
     extra = str(base / "elsewhere" / "dmp")
     sys.modules["folder_paths"].folder_names_and_paths["dmp"] = ([extra], set())
@@ -60,19 +64,80 @@ def test_pack_imports_by_path_without_comfyui_and_loads_nothing_heavy(tmp_path):
     result = _import_in_subprocess(
         "mappings = pack.NODE_CLASS_MAPPINGS\n"
         "try:\n"
-        "    mappings['DMPLoader']().load('x', 'y', 'auto')\n"
+        "    pack.nodes.comfy_bridge.resolve_adapter('y')\n"
         "    error = None\n"
         "except RuntimeError as err:\n"
         "    error = str(err)\n"
         "print(json.dumps({'nodes': sorted(mappings), 'displays': sorted(pack.NODE_DISPLAY_NAME_MAPPINGS),\n"
         "    'heavy': [m for m in ('diffusers', 'transformers', 'peft', 'dmp_model', 'nodes', 'comfy') "
         "if m in sys.modules],\n"
-        "    'bases': mappings['DMPLoader'].INPUT_TYPES()['required']['base'][0], 'error': error}))\n",
+        "    'adapters': mappings['DMPLoadAdapter'].INPUT_TYPES()['required']['adapter'][0], 'error': error}))\n",
         tmp_path)
     assert result["nodes"] == sorted(NODE_IDS) and result["displays"] == sorted(NODE_IDS)
     assert result["heavy"] == []  # no model library, and nothing under ComfyUI's or a top-level name
-    assert result["bases"] == []
+    assert result["adapters"] == []
     assert "ComfyUI" in result["error"]
+
+
+# Runs every node, in a fresh interpreter where the model libraries cannot be imported at all.
+_WITHOUT_MODEL_LIBRARIES = """
+import importlib.abc, json, sys
+BLOCKED = {blocked!r}
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{{name}} is not installed in ComfyUI's Python")
+
+sys.meta_path.insert(0, Refuse())
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+import torch
+from comfy_stubs import core_models, stand_ins
+from comfy_stubs.model_files import write_official_adapter
+root = Path({root!r})
+stand_ins.install(root)
+pack = stand_ins.load_pack()
+model, vae, clip = core_models.toy_core_objects()
+for seed, name in enumerate(("depth-toy-notext", "normal-toy-notext", "segmentation-toy")):
+    write_official_adapter(model.model.diffusion_model.unet, root / "models" / "dmp" / name, seed)
+nodes = pack.NODE_CLASS_MAPPINGS
+dmp_model = None
+for name in ("depth-toy-notext", "normal-toy-notext", "segmentation-toy"):
+    dmp_model = nodes["DMPLoadAdapter"]().load(model, name + "/pytorch_lora_weights.safetensors", 1.0,
+                                               dmp_model=dmp_model)[0]
+images = torch.rand(2, 24, 32, 3, generator=torch.Generator().manual_seed(0))
+settings = dict(steps=2, sampler="ddim", spacing="leading", processing_resolution=16, batch_size=4)
+_visual, depth, *_ = nodes["DMPPredict"]().predict(dmp_model, vae, clip, images, "depth", prompt="a room", **settings)
+outputs = nodes["DMPPredictTasks"]().predict(dmp_model, vae, clip, images, **settings, tile=True, tile_size=16,
+                                             ensemble="flip")
+nodes["DMPUncertainty"]().uncertainty(outputs[1])
+nodes["DMPDepthToControlNet"]().convert(depth, "percentile", False, 2.0, 85.0)
+nodes["DMPDepthColorize"]().colorize(depth, "Spectral", 2.0, 98.0, False)
+nodes["DMPNormalsToControlNet"]().convert(outputs[1], "auto", False, False, False)
+nodes["DMPSegmentation"]().convert(outputs[2], "wall", "ade20k")
+nodes["DMPSave"]().save(depth, "DMP/%task%", "npy", "millimeters")
+print(json.dumps({{"depth": list(depth.raw.shape), "tasks": [o.task for o in outputs[:3]],
+                   "loaded": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)}}))
+"""
+
+
+def test_every_node_runs_without_diffusers_peft_or_transformers(tmp_path):
+    """ComfyUI's Python has none of them: the pack must not import them, directly or through dmp_model."""
+    script = _WITHOUT_MODEL_LIBRARIES.format(blocked=MODEL_LIBRARIES, tests=str(ROOT / "tests"), root=str(tmp_path))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"depth": [2, 24, 32], "tasks": ["depth", "normal", "segmentation"], "loaded": []}
+
+
+def test_the_import_blocker_would_catch_a_model_library(tmp_path):
+    script = _WITHOUT_MODEL_LIBRARIES.split("from pathlib")[0].format(blocked=MODEL_LIBRARIES, tests="") + \
+        "import diffusers\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "diffusers is not installed" in done.stderr
 
 
 def test_pack_module_name_is_not_an_identifier(pack):
@@ -151,32 +216,18 @@ def test_dmp_folder_registered_keeping_extra_model_paths(pack):
     assert extensions == folder_paths.supported_pt_extensions
 
 
-def test_adapter_and_base_dropdowns(pack):
-    loader = pack.NODE_CLASS_MAPPINGS["DMPLoader"].INPUT_TYPES()
-    adapters = loader["required"]["adapter"][0]
-    assert f"depth-hypersim-notext/{ADAPTER_FILE}".replace("/", os.sep) in adapters
-    assert f"depth-other-base/{ADAPTER_FILE}".replace("/", os.sep) in adapters
-    assert not any(name.endswith("optimizer.bin") for name in adapters)
-    assert loader["optional"]["adapter_2"][0] == ["none", *adapters]
-    assert loader["required"]["base"][0] == ["sdxl_base_1.0.safetensors", f"diffusers/{TINY_BASE}"]
+def test_adapter_dropdown_lists_models_dmp_then_models_loras(pack):
+    adapters = pack.NODE_CLASS_MAPPINGS["DMPLoadAdapter"].INPUT_TYPES()["required"]["adapter"][0]
+    relative = [name.replace(os.sep, "/") for name in adapters]
+    assert f"depth-hypersim-notext/{ADAPTER_FILE}" in relative and f"depth-other-base/{ADAPTER_FILE}" in relative
+    assert relative.index(f"depth-hypersim-notext/{ADAPTER_FILE}") < relative.index("sdxl_detail_lora.safetensors")
+    assert not any(name.endswith(("optimizer.bin", "state.pt")) for name in relative)
 
 
-def test_diffusers_folders_are_found_once_through_link_cycles(pack, tmp_path, monkeypatch):
-    import folder_paths
-
-    root = tmp_path / "diffusers"
-    for model in ("a/sd15", "b/sd14"):
-        (root / model / "unet").mkdir(parents=True)
-        (root / model / "model_index.json").write_text("{}")
-    (root / "a" / "sd15" / "unet" / "model_index.json").write_text("{}")  # inside a model: not a model
-    (root / "b" / "loop").symlink_to(root, target_is_directory=True)  # a cycle back to the top
-    (root / "c").symlink_to(root / "b" / "sd14", target_is_directory=True)  # a second name: listed once
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusers", ([str(root)], ["folder"]))
-    bridge = pack.nodes.comfy_bridge
-    # Without the checks also a/sd15/unet, c, b/loop/a/sd15, b/loop/b/loop/a/sd15, ... until ELOOP.
-    assert bridge._diffusers_folders() == {"a/sd15": root / "a" / "sd15", "b/sd14": root / "b" / "sd14"}
-    assert bridge.base_choices()[-2:] == ["diffusers/a/sd15", "diffusers/b/sd14"]
-    assert bridge.resolve_base("diffusers/b/sd14") == root / "b" / "sd14"
+def test_requirements_leave_out_what_comfyui_does_not_have():
+    lines = (ROOT / "requirements.txt").read_text(encoding="utf-8").lower().splitlines()
+    names = {re.split(r"[<>=!~\[; ]", line.strip())[0] for line in lines if line.strip() and not line.startswith("#")}
+    assert names and not names & set(MODEL_LIBRARIES)
 
 
 @pytest.mark.parametrize("node_id", ["DMPPredict", "DMPPredictTasks"])

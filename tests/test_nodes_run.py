@@ -1,8 +1,10 @@
-"""Every node run on tiny models through ComfyUI stand-ins: types, shapes, caching, errors."""
+"""Every node run through ComfyUI stand-ins on tiny models: adapters on core's MODEL, prediction on
+core's MODEL/VAE/CLIP (checked against the library), maps, saving, errors."""
 
 from __future__ import annotations
 
 import os
+import pickle
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,22 +12,31 @@ import pytest
 import torch
 from PIL import Image
 
-from comfy_stubs import stand_ins
-from comfy_stubs.model_files import ADAPTER_FILE, ADAPTERS, TINY_BASE, adapter_choice, write_official_adapter
-from comfy_stubs.model_files import write_tiny_models
+from comfy_stubs import core_models, stand_ins
+from comfy_stubs.model_files import ADAPTER_FILE, ADAPTERS, adapter_choice, write_official_adapter, write_tiny_models
 
-BASE = f"diffusers/{TINY_BASE}"
 SETTINGS = dict(steps=3, sampler="ddim", spacing="leading", processing_resolution=32, batch_size=4)
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
+    from transformers import CLIPTokenizer
+
+    from dmp_model import DMPModel
+    from dmp_model.tiny import build_tiny_components, save_tiny_sd
+
     root = tmp_path_factory.mktemp("comfyui")
-    paths = write_tiny_models(root / "models")
+    components = build_tiny_components(seed=0)
+    library_base = save_tiny_sd(root / "library-base", components=components)  # the same weights, on disk
+    paths = write_tiny_models(root / "models", components[0])
     calls = stand_ins.install(root)
     pack = stand_ins.load_pack()
+    tokenizer = CLIPTokenizer.from_pretrained(str(library_base / "tokenizer"))
+    model, vae, clip = core_models.core_objects(*components, tokenizer)
+    library = DMPModel.from_pretrained(library_base, device="cpu", precision="fp32")
     yield SimpleNamespace(root=root, paths=paths, calls=calls, pack=pack, nodes=pack.NODE_CLASS_MAPPINGS,
-                          engine=pack.dmp_model)
+                          engine=pack.dmp_model, model=model, vae=vae, clip=clip, library=library,
+                          components=components, tokenizer=tokenizer)
     stand_ins.unload_pack(pack)
     stand_ins.uninstall()
 
@@ -35,20 +46,34 @@ def images():
     return torch.rand(2, 40, 56, 3, generator=torch.Generator().manual_seed(0))
 
 
-def load(env, *tasks, precision="auto", base=BASE):
-    extra = {f"adapter_{i}": adapter_choice(task) for i, task in enumerate(tasks[1:], start=2)}
-    return env.nodes["DMPLoader"]().load(base, adapter_choice(tasks[0]), precision, **extra)[0]
+def load(env, *tasks, model=None, strength=1.0):
+    """A DMP_MODEL with the adapters of `tasks`, chained through Load DMP Adapter."""
+    dmp_model = None
+    for task in tasks:
+        dmp_model = env.nodes["DMPLoadAdapter"]().load(model or env.model, adapter_choice(task), strength,
+                                                       dmp_model=dmp_model)[0]
+    return dmp_model
 
 
-def predict(env, model, images, task="auto", **kw):
-    return env.nodes["DMPPredict"]().predict(model, images, task, **{**SETTINGS, **kw})
+def predict(env, dmp_model, images, task="auto", **kw):
+    return env.nodes["DMPPredict"]().predict(dmp_model, env.vae, env.clip, images, task, **{**SETTINGS, **kw})
+
+
+def predict_tasks(env, dmp_model, images, **kw):
+    return env.nodes["DMPPredictTasks"]().predict(dmp_model, env.vae, env.clip, images, **{**SETTINGS, **kw})
+
+
+def library_prediction(env, task, images, **kw):
+    """What DMPModel.predict gives for the same weights, adapter file, images and settings."""
+    env.library.load_adapter(env.paths[task].parent)  # named after its folder, as DMP names adapters
+    return env.library.predict(images.movedim(-1, 1), ADAPTERS[task], **{**SETTINGS, **kw})
 
 
 @pytest.fixture(scope="module")
 def everything(env, images):
     """Predictions of all five tasks from DMP Predict Tasks."""
-    model = load(env, *ADAPTERS)
-    return model, env.nodes["DMPPredictTasks"]().predict(model, images, **SETTINGS)
+    dmp_model = load(env, *ADAPTERS)
+    return dmp_model, predict_tasks(env, dmp_model, images)
 
 
 def _is_image(tensor, shape):
@@ -56,97 +81,198 @@ def _is_image(tensor, shape):
             and tensor.is_contiguous() and 0 <= float(tensor.min()) and float(tensor.max()) <= 1)
 
 
-# Loading and caching --------------------------------------------------------------------------
-
-def test_loaders_share_one_base_and_adding_adapters_does_not_reload(env):
-    first = load(env, "depth")
-    second = load(env, "depth", "normal")
-    assert first.base is second.base and len(env.pack.nodes.models._BASES) == 1
-    assert first.adapters == ("depth-hypersim-notext",)
-    assert second.adapters == ("depth-hypersim-notext", "normal-scene100-notext")
-    assert second.info("normal-scene100-notext").task == "normal"
-    assert load(env, "depth", precision="fp32").base is first.base  # 'auto' is fp32 on the CPU
+def _lora_delta(adapter):
+    """The weight change ComfyUI's patches make to the first patched layer, by hand."""
+    key, patches = next(iter(adapter.model.patches.items()))
+    strength, patch = patches[0]
+    up, down = patch.weights[:2]
+    return key, strength * (up @ down)
 
 
-def test_another_loader_never_changes_a_models_results(env, images):
-    first = load(env, "depth")
-    before = predict(env, first, images)[1].raw
-    # Another file that DMP would name the same: it gets its own name, the first stays as it was.
-    folder = env.root / "models" / "dmp" / "v2" / "depth-hypersim-notext"
-    twin = write_official_adapter(first.model.unet, folder, seed=42)
-    other = env.nodes["DMPLoader"]().load(BASE, f"v2/depth-hypersim-notext/{ADAPTER_FILE}", "auto")[0]
-    assert other.adapters == ("depth-hypersim-notext~2",)
-    assert other.info("depth-hypersim-notext~2").task == "depth"
-    assert not other.info("depth-hypersim-notext~2").uses_prompts  # facts from the path, not the name
-    assert other.info("depth-hypersim-notext~2").target_scale == 8.0
-    assert torch.equal(predict(env, first, images)[1].raw, before)
-    assert not torch.equal(predict(env, other, images)[1].raw, before)
-    twin.unlink()
+# Adapters on core's MODEL ---------------------------------------------------------------------
+
+def test_an_adapter_patches_a_clone_of_the_model_and_carries_its_facts(env):
+    dmp_model = load(env, "depth")
+    (adapter,) = dmp_model.adapters
+    assert adapter.name == "depth-hypersim-notext"
+    assert (adapter.info.task, adapter.info.uses_prompts, adapter.info.target_scale) == ("depth", False, 8.0)
+    assert (adapter.info.rank, adapter.info.self_attn_only) == (4, False)
+    assert adapter.model is not env.model and adapter.model.model is env.model.model  # a clone, one base
+    assert env.model.patches == {}  # the user's MODEL is not touched
+    assert len(adapter.model.patches) == 128  # all 16 transformer blocks x (attn1, attn2) x 4 projections
 
 
-def test_is_changed_follows_the_files(env):
-    node = env.nodes["DMPLoader"]
-    stamp = node.IS_CHANGED(BASE, adapter_choice("depth"), "auto", adapter_2="none")
-    assert stamp == node.IS_CHANGED(BASE, adapter_choice("depth"), "auto", adapter_2="none")
-    os.utime(env.paths["depth"], ns=(1, 1))
-    assert stamp != node.IS_CHANGED(BASE, adapter_choice("depth"), "auto", adapter_2="none")
+def test_several_adapters_share_the_base_and_inputs_stay_unchanged(env):
+    depth = load(env, "depth")
+    both = env.nodes["DMPLoadAdapter"]().load(env.model, adapter_choice("normal"), 1.0, dmp_model=depth)[0]
+    assert depth.names == ("depth-hypersim-notext",)  # what another node holds is never changed
+    assert both.names == ("depth-hypersim-notext", "normal-scene100-notext")
+    assert both.adapters[1].info.task == "normal"
+    assert len({id(a.model.model) for a in both.adapters}) == 1
+    parameters = {p.data_ptr() for p in env.model.model.parameters()}
+    assert len(parameters) == sum(1 for _ in env.model.model.parameters())  # no second copy was made
 
 
-def _first_weight(model):
-    return next(model.model.unet.parameters()).detach().clone()
-
-
-def test_a_replaced_base_is_loaded_again(env):
-    """Replacing a base's weights (a diffusers folder's unet/, a single file) loads it anew."""
-    from dmp_model.tiny import build_tiny_components, save_tiny_sd
-    from ldm_layout import write_single_file
-
-    models, node = env.root / "models", env.nodes["DMPLoader"]
-    folder = save_tiny_sd(models / "diffusers" / "replaced-sd1", components=build_tiny_components(seed=0))
-    single = write_single_file(models / "checkpoints" / "replaced-sd1.safetensors", *build_tiny_components(seed=0))
-    cache = env.pack.nodes.models._BASES
+def test_a_second_file_of_the_same_name_gets_its_own_name(env):
+    twin = write_official_adapter(env.components[0], env.root / "models" / "dmp" / "v2" / "depth-hypersim-notext",
+                                  seed=42)
     try:
-        for base, replace in [
-            ("diffusers/replaced-sd1", lambda: build_tiny_components(seed=1)[0].save_pretrained(folder / "unet")),
-            ("replaced-sd1.safetensors", lambda: write_single_file(single, *build_tiny_components(seed=1))),
-        ]:
-            first = load(env, "depth", base=base)
-            stamp = node.IS_CHANGED(base, adapter_choice("depth"), "auto")
-            assert load(env, "depth", base=base).base is first.base  # unchanged: the cached copy
-            replace()
-            assert node.IS_CHANGED(base, adapter_choice("depth"), "auto") != stamp  # ComfyUI runs the node
-            second = load(env, "depth", base=base)
-            assert second.base is not first.base and first.base not in cache.values()
-            assert not torch.equal(_first_weight(second), _first_weight(first))
-            assert second.info("depth-hypersim-notext").task == "depth"
+        both = env.nodes["DMPLoadAdapter"]().load(env.model, "v2/depth-hypersim-notext/" + ADAPTER_FILE, 1.0,
+                                                  dmp_model=load(env, "depth"))[0]
+        assert both.names == ("depth-hypersim-notext", "depth-hypersim-notext~2")
+        assert both.adapters[1].info.task == "depth" and not both.adapters[1].info.uses_prompts
     finally:
-        for key in [k for k in cache if "replaced-sd1" in k[0]]:
-            del cache[key]
+        twin.unlink()
 
 
-# Prediction ------------------------------------------------------------------------------------
+def test_strength_and_task_override(env):
+    half = load(env, "depth", strength=0.5).adapters[0]
+    full = load(env, "depth").adapters[0]
+    key, delta = _lora_delta(half)
+    torch.testing.assert_close(delta, 0.5 * _lora_delta(full)[1])
+    renamed = env.nodes["DMPLoadAdapter"]().load(env.model, adapter_choice("depth"), 1.0, task="shading")[0]
+    assert renamed.adapters[0].info.task == "shading"
 
-def test_predict_returns_a_comfy_image_and_the_raw_prediction(env, images):
+
+def test_adapters_of_models_loras_and_a_training_run_are_offered_but_not_its_state_files(env):
+    choices = env.nodes["DMPLoadAdapter"].INPUT_TYPES()["required"]["adapter"][0]
+    relative = [c.replace(os.sep, "/") for c in choices]
+    assert adapter_choice("depth") in relative and "my-normals/" + ADAPTER_FILE in relative
+    assert "runs/depth-run/" + ADAPTER_FILE in relative
+    assert "runs/depth-run/checkpoints/step-000010/" + ADAPTER_FILE in relative
+    assert not [c for c in relative if c.endswith((".pt", "optimizer.bin"))]
+    lora = env.nodes["DMPLoadAdapter"]().load(env.model, "my-normals/" + ADAPTER_FILE, 1.0)[0]
+    assert lora.adapters[0].info.task == "normal"  # from the file's metadata
+
+
+def test_is_changed_follows_the_file(env):
+    node = env.nodes["DMPLoadAdapter"]
+    stamp = node.IS_CHANGED(adapter=adapter_choice("depth"), strength=1.0, task="auto")
+    assert stamp == node.IS_CHANGED(adapter=adapter_choice("depth"), strength=1.0, task="auto")
+    os.utime(env.paths["depth"], ns=(1, 1))
+    assert stamp != node.IS_CHANGED(adapter=adapter_choice("depth"), strength=1.0, task="auto")
+
+
+# Prediction on core's MODEL, VAE and CLIP -------------------------------------------------------
+
+def test_predict_equals_the_library_on_the_same_weights(env, images):
+    visual, prediction, *_uncertainty = predict(env, load(env, "depth"), images)
+    expected = library_prediction(env, "depth", images)
+    assert _is_image(visual, (2, 40, 56, 3)) and prediction.raw.shape == (2, 40, 56)
+    span = float(expected.raw.max() - expected.raw.min())
+    assert span > 0.01
+    assert float((prediction.raw - expected.raw).abs().max()) < 1e-4 * span
+    # The colour map is a lookup table: a value on a bin edge may land in the next bin.
+    assert float((visual - expected.visual).abs().mean()) < 1e-4
+
+
+def test_tiles_and_flip_ensembles_equal_the_library_with_uncertainty_outputs(env, images):
+    large = dict(processing_resolution=16, tile=True, tile_size=24, ensemble="flip")  # 40 x 56: 2 x 3 tiles
+    visual, prediction, uncertainty, mask = predict(env, load(env, "depth"), images, **large)
+    expected = library_prediction(env, "depth", images, **large)
+    span = float(expected.raw.max() - expected.raw.min())
+    assert float((prediction.raw - expected.raw).abs().max()) < 1e-4 * span
+    assert float((prediction.uncertainty - expected.uncertainty).abs().max()) < 1e-4 * span
+    assert float(prediction.uncertainty.max()) > 0  # the mirror disagrees somewhere on random images
+    assert _is_image(uncertainty, (2, 40, 56, 3)) and mask.shape == (2, 40, 56)
+    assert torch.equal(mask, uncertainty[..., 0])
+    assert float((uncertainty - expected.uncertainty_visual).abs().max()) < 1e-3
+    tasks = predict_tasks(env, load(env, "depth", "normal"), images, ensemble="flip")
+    image, tasks_mask = env.nodes["DMPUncertainty"]().uncertainty(tasks[1])
+    assert torch.equal(image, tasks[1].uncertainty_visual) and torch.equal(tasks_mask, image[..., 0])
+
+
+def test_without_an_ensemble_the_uncertainty_outputs_say_how_to_get_one(env, images):
+    _visual, prediction, uncertainty, mask = predict(env, load(env, "depth"), images)
+    for blocked in (uncertainty, mask):
+        assert isinstance(blocked, stand_ins.ExecutionBlocker) and "set ensemble to 'flip'" in blocked.message
+    with pytest.raises(ValueError, match="depth prediction has no uncertainty; set ensemble to 'flip'"):
+        env.nodes["DMPUncertainty"]().uncertainty(prediction)
+    with pytest.raises(ValueError, match="tile_overlap"):
+        predict(env, load(env, "depth"), images, tile=True, tile_overlap=0.9)
+
+
+def test_the_unet_is_called_in_the_models_compute_dtype_and_gives_float32(env):
+    """As ComfyUI's apply_model: inputs cast to the weights' dtype (bf16 here), output as float32."""
+    import copy
+
+    bridge = env.pack.nodes.comfy_bridge
+    half = core_models.ModelPatcher(core_models.BaseModel(copy.deepcopy(env.components[0]).to(torch.bfloat16)))
+    generator = torch.Generator().manual_seed(3)
+    z, context = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 77, 32, generator=generator)
+    full = bridge.call_unet(env.model, z, 501, context)
+    low = bridge.call_unet(half, z, 501, context)
+    assert full.dtype == low.dtype == torch.float32
+    torch.testing.assert_close(low, full, atol=0.1, rtol=0.05)
+
+
+def test_predict_tasks_equals_the_library_with_one_encode(env, images):
+    encoded = env.vae.encoded
+    depth, normal, *_blocked, previews = predict_tasks(env, load(env, "depth", "normal"), images)
+    assert env.vae.encoded - encoded == 2  # two images, one encode each for both tasks
+    torch.testing.assert_close(normal.raw, library_prediction(env, "normal", images).raw, atol=1e-4, rtol=0)
+    torch.testing.assert_close(depth.raw, library_prediction(env, "depth", images).raw, atol=1e-4, rtol=0)
+    assert _is_image(previews, (4, 40, 56, 3))
+
+
+def test_prompted_adapters_take_the_prompt_like_the_library(env, images):
+    dmp_model = load(env, "albedo")  # a prompted adapter (the paper's bedroom ones are)
+    texted = predict(env, dmp_model, images, prompt="a bedroom")[1].raw
+    torch.testing.assert_close(texted, library_prediction(env, "albedo", images, prompt="a bedroom").raw,
+                               atol=1e-4, rtol=0)
+    plain = predict(env, dmp_model, images)[1].raw
+    assert not torch.equal(plain, texted)
+    embeds = env.clip.encode_from_tokens(env.clip.tokenize("a bedroom"))
+    conditioned = predict(env, dmp_model, images, conditioning=[[embeds, {"pooled_output": None}]])[1].raw
+    torch.testing.assert_close(conditioned, texted)
+    assert not torch.equal(predict(env, dmp_model, images, prompt="a bedroom", guidance_scale=1.0)[1].raw, texted)
+    with pytest.raises(ValueError, match="either a prompt text or a conditioning"):
+        predict(env, dmp_model, images, prompt="x", conditioning=[[embeds, {}]])
+    with pytest.raises(ValueError, match="do not fit this model"):  # SDXL/SD2 text encoders
+        predict(env, dmp_model, images, conditioning=[[torch.zeros(1, 77, 2048), {}]])
+
+
+def test_notext_adapters_ignore_prompts_and_predict_tasks_prompts_only_the_others(env, images):
+    dmp_model = load(env, "depth", "albedo")
+    depth = predict(env, dmp_model, images, task="depth")[1].raw
+    assert torch.equal(predict(env, dmp_model, images, task="depth", prompt="a bedroom")[1].raw, depth)
+    plain = predict_tasks(env, dmp_model, images)
+    prompted = predict_tasks(env, dmp_model, images, prompt="a bedroom")
+    assert torch.equal(prompted[0].raw, plain[0].raw) and torch.equal(prompted[0].raw, depth)
+    assert not torch.equal(prompted[3].raw, plain[3].raw)
+
+
+def test_the_empty_prompt_is_encoded_once_per_clip(env, images):
+    dmp_model = load(env, "depth")
+    predict(env, dmp_model, images)
+    before = env.clip.encoded.count("")
+    predict(env, dmp_model, images)
+    predict_tasks(env, dmp_model, images)
+    assert before == 1 and env.clip.encoded.count("") == 1
+
+
+def test_progress_per_step_memory_calls_and_cache(env, images):
     env.calls.progress.clear()
+    env.calls.loaded.clear()
     emptied = env.calls.emptied
-    visual, prediction = predict(env, load(env, "depth"), images)
-    assert _is_image(visual, (2, 40, 56, 3))
-    assert prediction.task == "depth" and prediction.raw.shape == (2, 40, 56)
-    assert bool((prediction.raw >= 0).all())
+    predict(env, load(env, "depth"), images)
     assert env.calls.progress == [(1, 3), (2, 3), (3, 3)]  # a step across the whole batch
     assert env.calls.emptied == emptied + 1
+    loaded = [m for models in env.calls.loaded for m in models]
+    assert any(isinstance(m, core_models.ModelPatcher) and m.model is env.model.model for m in loaded)
+    assert any(m is env.vae.patcher for m in loaded)  # ComfyUI loads its VAE for decoding
 
 
 def test_predict_picks_the_adapter_of_the_task(env, images):
-    model = load(env, "depth", "normal")
-    assert predict(env, model, images, task="normal")[1].adapter == "normal-scene100-notext"
-    assert predict(env, model, images, task="auto")[1].adapter == "depth-hypersim-notext"
+    dmp_model = load(env, "depth", "normal")
+    assert predict(env, dmp_model, images, task="normal")[1].adapter == "normal-scene100-notext"
+    assert predict(env, dmp_model, images, task="auto")[1].adapter == "depth-hypersim-notext"
     with pytest.raises(ValueError, match="no segmentation adapter.*depth-hypersim-notext \\(depth\\)"):
-        predict(env, model, images, task="segmentation")
+        predict(env, dmp_model, images, task="segmentation")
 
 
-def test_predict_tasks_gives_every_task_from_one_encode(env, everything, images):
-    model, outputs = everything
+def test_predict_tasks_gives_every_task(env, everything):
+    _model, outputs = everything
     depth, normal, segmentation, albedo, shading, previews = outputs
     assert [p.task for p in outputs[:5]] == ["depth", "normal", "segmentation", "albedo", "shading"]
     assert depth.raw.shape == (2, 40, 56) and shading.raw.shape == (2, 40, 56)
@@ -156,46 +282,76 @@ def test_predict_tasks_gives_every_task_from_one_encode(env, everything, images)
 
 
 def test_predict_tasks_blocks_the_outputs_of_missing_tasks(env, images):
-    outputs = env.nodes["DMPPredictTasks"]().predict(load(env, "depth", "normal"), images, **SETTINGS)
+    outputs = predict_tasks(env, load(env, "depth", "normal"), images)
     assert outputs[0].task == "depth" and outputs[1].task == "normal"
     for blocked, task in zip(outputs[2:5], ("segmentation", "albedo", "shading")):
         assert isinstance(blocked, stand_ins.ExecutionBlocker) and f"no {task} adapter" in blocked.message
     assert outputs[5].shape == (4, 40, 56, 3)
 
 
-def test_interrupt_stops_a_run_and_the_next_run_works(env, images):
-    model = load(env, "depth")
-    env.calls.interrupted = True
-    with pytest.raises(stand_ins.InterruptProcessingException):
-        predict(env, model, images)
-    assert predict(env, model, images)[1].raw.shape == (2, 40, 56)
+def test_interrupt_stops_between_steps_and_the_next_run_works(env, images):
+    dmp_model = load(env, "depth")
+    progress = env.calls.progress
+    progress.clear()
+    original = stand_ins.sys.modules["comfy.utils"].ProgressBar.update_absolute
+
+    def cancel_after_the_first_step(bar, value, total=None, preview=None):
+        original(bar, value, total, preview)
+        env.calls.interrupted = True
+
+    stand_ins.sys.modules["comfy.utils"].ProgressBar.update_absolute = cancel_after_the_first_step
+    try:
+        with pytest.raises(stand_ins.InterruptProcessingException):
+            predict(env, dmp_model, images)
+    finally:
+        stand_ins.sys.modules["comfy.utils"].ProgressBar.update_absolute = original
+    assert progress == [(1, 3)]  # stopped at the next step
+    assert predict(env, dmp_model, images)[1].raw.shape == (2, 40, 56)
 
 
-def test_prompt_text_or_conditioning(env, images):
-    model = load(env, "albedo")  # a prompted adapter (the paper's bedroom ones are); -notext ignore prompts
-    plain = predict(env, model, images)[1].raw
-    texted = predict(env, model, images, prompt="a bedroom")[1].raw
-    embeds = model.model.text.encode(["a bedroom"])
-    conditioned = predict(env, model, images, conditioning=[[embeds, {"pooled_output": None}]])[1].raw
-    assert not torch.equal(plain, texted)
-    torch.testing.assert_close(conditioned, texted)
-    unguided = predict(env, model, images, prompt="a bedroom", guidance_scale=1.0)[1].raw
-    assert not torch.equal(unguided, texted)
-    with pytest.raises(ValueError, match="either a prompt text or a conditioning"):
-        predict(env, model, images, prompt="x", conditioning=[[embeds, {}]])
-    with pytest.raises(ValueError, match="do not fit this model"):  # SDXL/SD2 text encoders
-        predict(env, model, images, conditioning=[[torch.zeros(1, 77, 2048), {}]])
+# Video: a batch of frames -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def frames():
+    """A clip: one image panned by a pixel per frame."""
+    scene = torch.rand(1, 40, 64, 3, generator=torch.Generator().manual_seed(5))
+    return torch.cat([scene[:, :, i:i + 56] for i in range(4)])
 
 
-def test_notext_adapters_ignore_prompts_and_predict_tasks_prompts_only_the_others(env, images):
-    model = load(env, "depth", "albedo")  # depth-hypersim-notext, and a prompted albedo adapter
-    depth = predict(env, model, images, task="depth")[1].raw
-    assert torch.equal(predict(env, model, images, task="depth", prompt="a bedroom")[1].raw, depth)
-    node = env.nodes["DMPPredictTasks"]()
-    plain = node.predict(model, images, **SETTINGS)
-    prompted = node.predict(model, images, prompt="a bedroom", **SETTINGS)
-    assert torch.equal(prompted[0].raw, plain[0].raw) and torch.equal(prompted[0].raw, depth)
-    assert not torch.equal(prompted[3].raw, plain[3].raw)
+def test_video_batches_align_depth_over_time_and_share_one_range(env, frames):
+    from dmp_model.temporal import TemporalAligner
+
+    dmp_model = load(env, "depth")
+    still = predict(env, dmp_model, frames)[1]
+    video = predict(env, dmp_model, frames, batch_kind="video")[1]
+    unaligned = predict(env, dmp_model, frames, batch_kind="video", temporal_alignment=0.0)[1]
+    assert (still.visual_range, video.visual_range) == ("image", "batch")
+    assert torch.equal(unaligned.raw, still.raw)  # alignment is the only change to the values
+    torch.testing.assert_close(video.raw, TemporalAligner(1.0)(still.raw))  # the engine's aligner, in order
+    assert not torch.equal(video.raw[1:], still.raw[1:])
+    in_chunks = predict(env, dmp_model, frames, batch_kind="video", batch_size=1)[1]
+    torch.testing.assert_close(in_chunks.raw, video.raw, atol=1e-4, rtol=1e-4)  # the reference runs on
+    assert torch.equal(predict(env, dmp_model, frames, temporal_alignment=0.0)[1].raw, still.raw)  # images: unused
+
+
+def test_depth_maps_follow_the_predictions_range_unless_told(env, frames):
+    dmp_model = load(env, "depth")
+    still = predict(env, dmp_model, frames)[1]
+    video = predict(env, dmp_model, frames, batch_kind="video")[1]
+    node = env.nodes["DMPDepthToControlNet"]()
+    control = {mode: node.convert(video, "percentile", False, 2.0, 85.0, range_mode=mode)[0]
+               for mode in ("auto", "image", "batch")}
+    assert torch.equal(control["auto"], control["batch"]) and not torch.equal(control["auto"], control["image"])
+    assert torch.equal(node.convert(still, "percentile", False, 2.0, 85.0)[0],
+                       node.convert(still, "percentile", False, 2.0, 85.0, range_mode="image")[0])
+    near = float(still.raw.min()) + 1e-3
+    fixed = node.convert(still, "percentile", False, 2.0, 85.0, range_mode="fixed", near=near, far=near + 1)[0]
+    assert fixed[still.raw <= near].min() == 1.0  # nearer than near: white
+    colorize = env.nodes["DMPDepthColorize"]()
+    assert torch.equal(colorize.colorize(video, "gray", 0.0, 100.0, False)[0],
+                       colorize.colorize(video, "gray", 0.0, 100.0, False, range_mode="batch")[0])
+    with pytest.raises(ValueError, match="0 < near < far"):
+        node.convert(still, "percentile", False, 2.0, 85.0, range_mode="fixed", near=5.0, far=1.0)
 
 
 # Maps ------------------------------------------------------------------------------------------
@@ -345,27 +501,72 @@ def test_save_checks_every_image_before_writing_any(env, file_format):
 
 # Bad input -------------------------------------------------------------------------------------
 
-def test_missing_files_give_actionable_errors(env):
-    loader = env.nodes["DMPLoader"]()
-    with pytest.raises(FileNotFoundError, match="base model 'v1-5.safetensors' not found.*checkpoints"):
-        loader.load("v1-5.safetensors", adapter_choice("depth"), "auto")
-    with pytest.raises(FileNotFoundError, match="DMP adapter 'nope/x.safetensors' not found.*dmp model"):
-        loader.load(BASE, "nope/x.safetensors", "auto")
+def test_a_model_that_is_not_sd1_is_refused_naming_it(env):
+    sdxl = core_models.ModelPatcher(core_models.BaseModel(env.components[0], core_models.SDXL))
+    with pytest.raises(ValueError, match="this MODEL is SDXL") as err:
+        env.nodes["DMPLoadAdapter"]().load(sdxl, adapter_choice("depth"), 1.0)
+    assert type(err.value) is ValueError
+    inpainting = core_models.ModelPatcher(core_models.BaseModel(env.components[0], in_channels=9))
+    with pytest.raises(ValueError, match="9 \\(an inpainting"):
+        env.nodes["DMPLoadAdapter"]().load(inpainting, adapter_choice("depth"), 1.0)
+    with pytest.raises(ValueError, match="expected a MODEL"):
+        env.nodes["DMPLoadAdapter"]().load(env.vae, adapter_choice("depth"), 1.0)
 
 
-def test_a_base_that_is_not_sd1_is_refused(env):
-    with pytest.raises(ValueError, match="Stable Diffusion XL; DMP needs a Stable Diffusion 1.x") as err:
-        env.nodes["DMPLoader"]().load("sdxl_base_1.0.safetensors", adapter_choice("depth"), "auto")
-    assert type(err.value) is ValueError  # ComfyUI names the type; the engine's lives under a file path
-
-
-def test_an_adapter_that_does_not_fit_is_refused_and_the_base_keeps_working(env, images):
-    with pytest.raises(ValueError, match="adapter does not fit this UNet"):
-        env.nodes["DMPLoader"]().load(BASE, f"depth-other-base/{ADAPTER_FILE}", "auto")
+@pytest.mark.parametrize(("choice", "message"), [
+    ("sdxl_detail_lora.safetensors", "adapter does not fit this model: 0 of 3 LoRA layers fit"),
+    (f"depth-other-base/{ADAPTER_FILE}", "adapter does not fit this model: 0 of 128 LoRA layers fit"),
+])
+def test_an_adapter_that_does_not_fit_is_refused_and_the_model_keeps_working(env, images, choice, message):
+    with pytest.raises(ValueError, match=message):
+        env.nodes["DMPLoadAdapter"]().load(env.model, choice, 1.0)
+    assert env.model.patches == {}
     assert predict(env, load(env, "depth"), images)[1].raw.shape == (2, 40, 56)
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("corrupt.safetensors", b"\x00\x01garbage" * 10, "corrupt.safetensors"),
+    ("truncated.safetensors", None, "truncated.safetensors"),
+    ("evil/pytorch_lora_weights.bin", "pickle", "not loaded for safety"),
+])
+def test_corrupt_truncated_and_pickled_files_are_refused(env, name, content, message):
+    path = env.root / "models" / "dmp" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if content is None:
+        whole = env.paths["depth"].read_bytes()
+        path.write_bytes(whole[: len(whole) // 2])
+    elif content == "pickle":
+        class Payload:
+            def __reduce__(self):
+                return (os.system, ("echo code ran",))
+        path.write_bytes(pickle.dumps({"x": Payload()}))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as err:
+        env.nodes["DMPLoadAdapter"]().load(env.model, name, 1.0)
+    assert type(err.value) is ValueError  # not the engine's CheckpointError: ComfyUI shows its module path
+
+
+def test_missing_adapter_and_other_bases_are_refused(env, images):
+    with pytest.raises(FileNotFoundError, match="DMP adapter 'nope/x.safetensors' not found.*models/loras"):
+        env.nodes["DMPLoadAdapter"]().load(env.model, "nope/x.safetensors", 1.0)
+    other = core_models.ModelPatcher(core_models.BaseModel(env.components[0]))
+    with pytest.raises(ValueError, match="adapters on another MODEL"):
+        env.nodes["DMPLoadAdapter"]().load(other, adapter_choice("normal"), 1.0, dmp_model=load(env, "depth"))
+
+
+def test_a_vae_or_clip_of_another_family_is_refused(env, images):
+    from dmp_model.tiny import build_tiny_components
+
+    dmp_model = load(env, "depth")
+    flux_like = core_models.VAE(env.components[1], latent_channels=16)
+    with pytest.raises(ValueError, match="DMP needs the SD 1.x VAE .* 16 channels"):
+        env.nodes["DMPPredict"]().predict(dmp_model, flux_like, env.clip, images, "depth", **SETTINGS)
+    wide = core_models.CLIP(build_tiny_components(seed=0, text_width=48)[2], env.tokenizer)
+    with pytest.raises(ValueError, match="embeddings of width 48, but the SD 1.x MODEL expects 32"):
+        env.nodes["DMPPredict"]().predict(dmp_model, env.vae, wide, images, "depth", **SETTINGS)
 
 
 def test_a_bad_setting_names_itself(env, images):
     with pytest.raises(ValueError, match="processing_resolution"):
         predict(env, load(env, "depth"), images, processing_resolution=4)
-

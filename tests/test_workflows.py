@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
     info = {**core_node_info(), **{k: object_info_of(v) for k, v in pack.NODE_CLASS_MAPPINGS.items()}}
     folder_paths = sys.modules["folder_paths"]
     files = {"checkpoints": folder_paths.get_filename_list("checkpoints"),
-             "controlnet": folder_paths.get_filename_list("controlnet"), "input": ["example.png"]}
+             "controlnet": folder_paths.get_filename_list("controlnet"), "input": ["example.png", "example.mp4"]}
     yield info, files, pack
     stand_ins.unload_pack(pack)
     stand_ins.uninstall()
@@ -42,10 +42,11 @@ def _load(path):
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def test_there_are_the_four_workflows_of_the_issue():
+def test_there_are_the_workflows_of_the_issues():
     assert [p.name for p in WORKFLOWS] == ["1_depth_normals_to_controlnet.json",
                                           "2_sd15_depth_controlnet_regeneration.json",
-                                          "3_all_five_tasks.json", "4_segmentation_mask_inpainting.json"]
+                                          "3_all_five_tasks.json", "4_segmentation_mask_inpainting.json",
+                                          "5_video_depth_to_controlnet.json"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -87,8 +88,56 @@ def test_the_issue_layouts(setup):
     assert {"KSampler", "DMPPredict", "ControlNetApplyAdvanced", "ControlNetLoader"} <= kinds[1]
     assert {"DMPPredictTasks", "DMPIntrinsics", "DMPSegmentation", "DMPDepthColorize"} <= kinds[2]
     assert {"DMPSegmentation", "SetLatentNoiseMask", "KSampler"} <= kinds[3]
-    loader = next(e for e in to_api(_load(WORKFLOWS[2]), info).values() if e["class_type"] == "DMPLoader")
-    assert len({v for k, v in loader["inputs"].items() if k.startswith("adapter")}) == 5
+    assert {"LoadVideo", "GetVideoComponents", "DMPPredict", "DMPDepthToControlNet", "CreateVideo",
+            "SaveVideo"} <= kinds[4]
+    video = to_api(_load(WORKFLOWS[4]), info)
+    predict = next(e["inputs"] for e in video.values() if e["class_type"] == "DMPPredict")
+    assert predict["batch_kind"] == "video" and predict["temporal_alignment"] == 1.0
+    fps = [e["inputs"]["fps"] for e in video.values() if e["class_type"] == "CreateVideo"]
+    assert fps and all(video[f[0]]["class_type"] == "GetVideoComponents" for f in fps)  # the clip's own rate
+    adapters = [e for e in to_api(_load(WORKFLOWS[2]), info).values() if e["class_type"] == "DMPLoadAdapter"]
+    assert len({e["inputs"]["adapter"] for e in adapters}) == 5
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_one_checkpoint_loader_feeds_dmp_and_everything_else(setup, path):
+    """DMP runs on core's MODEL, VAE and CLIP: the base is loaded once, by core's loader."""
+    info, _files, _pack = setup
+    prompt = to_api(_load(path), info)
+    (loader,) = [k for k, e in prompt.items() if e["class_type"] == "CheckpointLoaderSimple"]
+    for entry in prompt.values():
+        for name, value in entry["inputs"].items():
+            if name in ("model", "vae", "clip") and isinstance(value, list):
+                assert value[0] == loader, f"{entry['class_type']}.{name} is not fed by the checkpoint loader"
+    for entry in prompt.values():
+        if entry["class_type"] in ("DMPPredict", "DMPPredictTasks"):
+            assert {entry["inputs"]["vae"][0], entry["inputs"]["clip"][0]} == {loader}
+
+
+def test_workflow_1_keeps_the_default_settings_and_saves_raw_depth_as_npy(setup):
+    info, _files, pack = setup
+    prompt = to_api(_load(WORKFLOWS[0]), info)
+    defaults = pack.dmp_model.PredictOptions()
+    for entry in (e for e in prompt.values() if e["class_type"] == "DMPPredict"):
+        inputs = entry["inputs"]
+        assert (inputs["steps"], inputs["sampler"], inputs["spacing"], inputs["processing_resolution"]) == (
+            defaults.steps, defaults.sampler, defaults.spacing, defaults.processing_resolution)
+    saves = [e["inputs"] for e in prompt.values() if e["class_type"] == "DMPSave"]
+    assert {s["format"] for s in saves} == {"png", "npy"}
+    assert all(prompt[s["prediction"][0]]["inputs"]["task"] == "depth" for s in saves)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_loaders_offer_the_public_models_for_download(path):
+    for node in _load(path)["nodes"]:
+        if node["type"] in ("CheckpointLoaderSimple", "ControlNetLoader"):
+            (model,) = node["properties"]["models"]
+            assert model["name"] == node["widgets_values"][0]
+            assert model["url"].startswith("https://huggingface.co/") and model["name"] in model["url"]
+            assert model["directory"] == {"CheckpointLoaderSimple": "checkpoints",
+                                          "ControlNetLoader": "controlnet"}[node["type"]]
+        if node["type"] == "Note":
+            assert "github.com/shinying/dmp" in node["widgets_values"][0]  # where the adapters come from
 
 
 # The converter itself ----------------------------------------------------------------------------

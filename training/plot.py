@@ -90,3 +90,47 @@ def moving_average(values: list[tuple[float, float]], window: int = 10) -> list[
             total -= values[i - window][1]
         out.append((x, total / min(i + 1, window)))
     return out
+
+
+def plot_points(path: str | os.PathLike, title: str, points: Sequence[tuple[str, float, float]],
+                x_label: str = "", reference: tuple[str, float | None] | None = None) -> Path:
+    """Write a PNG scatter plot: one labelled dot per (label, x, y); `reference` = (name, y) a dashed line."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height, (left, top, right, bottom) = 760, 420, (64, 28, 16, 40)
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    box = (left, top, width - right, height - bottom)
+    draw.text((left, 6), title, fill=(0, 0, 0), font=font)
+    draw.text((box[2] - 6 * len(x_label), box[3] + 22), x_label, fill=(0, 0, 0), font=font)
+    draw.rectangle(box, outline=(0, 0, 0))
+    ys = [y for _, _, y in points] + ([reference[1]] if reference and reference[1] is not None else [])
+    if not points:
+        draw.text((box[0] + 8, box[1] + 8), "no data", fill=(120, 120, 120), font=font)
+    else:
+        x_low, x_high = 0.0, max(x for _, x, _ in points) * 1.05 or 1.0
+        y_low, y_high = min(ys), max(ys)
+        pad = (y_high - y_low) * 0.08 or 0.5
+        y_low, y_high = y_low - pad, y_high + pad
+
+        def to_pixel(x: float, y: float) -> tuple[float, float]:
+            return (box[0] + (x - x_low) / (x_high - x_low) * (box[2] - box[0]),
+                    box[3] - (y - y_low) / (y_high - y_low) * (box[3] - box[1]))
+
+        for tick in _ticks(y_low, y_high):
+            draw.text((4, to_pixel(0, tick)[1] - 6), _label(tick), fill=(0, 0, 0), font=font)
+        for tick in _ticks(x_low, x_high):
+            draw.text((to_pixel(tick, 0)[0] - 10, box[3] + 6), _label(tick), fill=(0, 0, 0), font=font)
+        if reference and reference[1] is not None:
+            py = to_pixel(0, reference[1])[1]
+            for px in range(box[0], box[2], 12):
+                draw.line((px, py, min(px + 6, box[2]), py), fill=(150, 150, 150))
+            draw.text((box[0] + 4, py - 13), reference[0], fill=(120, 120, 120), font=font)
+        for i, (label, x, y) in enumerate(points):
+            px, py = to_pixel(x, y)
+            colour = _COLOURS[i % len(_COLOURS)]
+            draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colour)
+            draw.text((px + 5, py - 6), label, fill=colour, font=font)
+    with atomic_path(path) as temp:
+        image.save(temp, format="PNG")
+    return Path(path)

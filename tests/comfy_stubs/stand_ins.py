@@ -1,5 +1,6 @@
-"""Stand-ins for ComfyUI's own modules (folder_paths, comfy.model_management, comfy.utils,
-comfy_execution.graph_utils), and loading the pack the way ComfyUI does.
+"""Stand-ins for ComfyUI's own modules (folder_paths, comfy.model_management, comfy.utils, comfy.lora,
+comfy_execution.graph_utils), and loading the pack the way ComfyUI does. Its MODEL, VAE and CLIP
+objects are in ``core_models``.
 
 Only ComfyUI's modules are stood in for, never the pack's code: the pack is imported from its
 folder by path, under a module name that is not a valid identifier, like ComfyUI's
@@ -19,8 +20,8 @@ from pathlib import Path
 import torch
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
-STAND_IN_NAMES = ("folder_paths", "comfy", "comfy.model_management", "comfy.utils", "comfy_execution",
-                  "comfy_execution.graph_utils")
+STAND_IN_NAMES = ("folder_paths", "comfy", "comfy.model_management", "comfy.utils", "comfy.lora",
+                  "comfy_execution", "comfy_execution.graph_utils")
 _counter = itertools.count()
 
 
@@ -56,7 +57,7 @@ def _folder_paths(base: Path) -> types.ModuleType:
     module.folder_names_and_paths = {
         "checkpoints": ([str(models / "checkpoints")], exts),
         "controlnet": ([str(models / "controlnet")], exts),
-        "diffusers": ([str(models / "diffusers")], ["folder"]),
+        "loras": ([str(models / "loras")], exts),
     }
 
     def get_folder_paths(name):
@@ -105,7 +106,14 @@ def _model_management(calls: Calls) -> types.ModuleType:
     module.should_use_bf16 = lambda device=None, **kw: False
     module.minimum_inference_memory = lambda: 0
     module.free_memory = lambda required, device, keep_loaded=(): calls.freed.append((required, device))
-    module.load_models_gpu = lambda models, **kw: calls.loaded.append(list(models))
+    module.OOM_EXCEPTION = torch.cuda.OutOfMemoryError
+
+    def load_models_gpu(models, memory_required=0, force_full_load=False, **kwargs):
+        calls.loaded.append(list(models))
+        for model in models:  # patch the weights of the clone being loaded, as ComfyUI does
+            getattr(model, "apply", lambda: None)()
+
+    module.load_models_gpu = load_models_gpu
 
     def soft_empty_cache(force=False):
         calls.emptied += 1
@@ -136,16 +144,24 @@ def _utils(calls: Calls) -> types.ModuleType:
     return module
 
 
+def _lora() -> types.ModuleType:
+    from .core_models import load_lora, model_lora_keys_unet
+
+    module = types.ModuleType("comfy.lora")
+    module.model_lora_keys_unet, module.load_lora = model_lora_keys_unet, load_lora
+    return module
+
+
 def install(base: Path) -> Calls:
     """Put ComfyUI stand-ins into sys.modules (folders under `base`); returns the call record."""
     calls = Calls()
     comfy = types.ModuleType("comfy")
-    comfy.model_management, comfy.utils = _model_management(calls), _utils(calls)
+    comfy.model_management, comfy.utils, comfy.lora = _model_management(calls), _utils(calls), _lora()
     execution = types.ModuleType("comfy_execution")
     execution.graph_utils = types.ModuleType("comfy_execution.graph_utils")
     execution.graph_utils.ExecutionBlocker = ExecutionBlocker
     modules = {"folder_paths": _folder_paths(base), "comfy": comfy,
-               "comfy.model_management": comfy.model_management, "comfy.utils": comfy.utils,
+               "comfy.model_management": comfy.model_management, "comfy.utils": comfy.utils, "comfy.lora": comfy.lora,
                "comfy_execution": execution, "comfy_execution.graph_utils": execution.graph_utils}
     sys.modules.update(modules)
     return calls

@@ -5,7 +5,7 @@ Node info is what ComfyUI's ``GET /object_info`` returns for a node (``input``, 
 The conversion follows ComfyUI's frontend: ``widgets_values`` hold one value per widget input,
 in input order (required, then optional), including widgets whose input is linked; an INT named
 seed / noise_seed or marked ``control_after_generate`` is followed by its control value
-('fixed', 'randomize', ...), and an image-upload combo by its upload button's value.
+('fixed', 'randomize', ...), and an image- or video-upload combo by its upload button's value.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def extra_widget_values(name: str, spec) -> int:
     options = _options(spec)
     if spec[0] == "INT" and (options.get("control_after_generate") or name in ("seed", "noise_seed")):
         return 1
-    if combo_options(spec) is not None and options.get("image_upload"):
-        return 1
+    if combo_options(spec) is not None and (options.get("image_upload") or options.get("video_upload")):
+        return 1  # the upload button's value ("image" for both kinds)
     return 0
 
 

@@ -1,0 +1,146 @@
+"""DMP task adapters on core's MODEL: Load DMP Adapter, and the DMP_MODEL socket it feeds.
+
+A DMP adapter is a LoRA; it is applied with ComfyUI's own LoRA patching to a clone of the MODEL a
+core loader made (Load Checkpoint, Load Diffusion Model with fp8 weights, ...), so the base's
+weights exist once, whatever the number of adapters, and ComfyUI's memory management owns them.
+What the prediction nodes also need to know (task, parametrisation, prompts, target scale,
+normal convention: the engine's ``AdapterInfo``) travels beside the patched MODEL.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..dmp_model.adapters import AdapterInfo, adapter_name_for, portable_lora_state_dict, read_adapter, resolve_info
+from ..dmp_model.checkpoints import CheckpointError
+from ..dmp_model.tasks import TASKS
+from . import comfy_bridge as bridge
+from .common import CATEGORY
+
+TASK_CHOICES = ("auto", *TASKS)
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """One adapter on the base: its name in this DMP_MODEL, its facts, the patched MODEL clone."""
+
+    name: str
+    info: AdapterInfo
+    model: object
+    file: str
+    strength: float
+
+
+@dataclass(frozen=True)
+class DMPAdapters:
+    """What a DMP_MODEL socket carries: adapters, in the order they were added, on one base MODEL."""
+
+    adapters: tuple[LoadedAdapter, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(adapter.name for adapter in self.adapters)
+
+    def get(self, name: str) -> LoadedAdapter:
+        return next(adapter for adapter in self.adapters if adapter.name == name)
+
+    def describe(self) -> str:
+        return ", ".join(f"{a.name} ({a.info.task})" for a in self.adapters)
+
+    def find(self, task: str) -> LoadedAdapter | None:
+        """The first adapter of `task`, or None."""
+        return next((adapter for adapter in self.adapters if adapter.info.task == task), None)
+
+    def adapter_for(self, task: str) -> LoadedAdapter:
+        """The first adapter of `task` ('auto': the first adapter); raises listing what there is."""
+        if task not in TASK_CHOICES:
+            raise ValueError(f"task must be one of {TASK_CHOICES}, got {task!r}")
+        found = self.adapters[0] if task == "auto" else self.find(task)
+        if found is None:
+            raise ValueError(f"the DMP model has no {task} adapter (it has: {self.describe()}); add one with "
+                             "Load DMP Adapter or pick another task")
+        return found
+
+    def added(self, adapter: LoadedAdapter) -> DMPAdapters:
+        """A new DMP_MODEL with one more adapter (the input is never changed: other nodes may hold it)."""
+        return DMPAdapters((*self.adapters, adapter))
+
+    def unique_name(self, natural: str) -> str:
+        """`natural`, or 'natural~2', '~3'... if this DMP_MODEL already has an adapter of that name."""
+        name, number = natural, 1
+        while name in self.names:
+            number += 1
+            name = f"{natural}~{number}"
+        return name
+
+
+def load_adapter(model, path: str, strength: float, task: str = "auto") -> tuple[AdapterInfo, bridge.PatchedLoRA]:
+    """Read an adapter file (any layout), resolve its facts, and patch a clone of `model` with it."""
+    if task not in TASK_CHOICES:
+        raise ValueError(f"task must be one of {TASK_CHOICES}, got {task!r}")
+    try:
+        tensors, metadata, file = read_adapter(path)
+    except CheckpointError as err:  # ComfyUI shows an exception's module path: a file path for this pack
+        raise ValueError(str(err)) from err
+    info = resolve_info(adapter_name_for(file), metadata, tensors, {} if task == "auto" else {"task": task})
+    return info, bridge.apply_lora(model, portable_lora_state_dict(tensors, metadata), strength)
+
+
+class DMPLoadAdapter:
+    """Load DMP Adapter: a task adapter applied to core's MODEL with ComfyUI's LoRA patching."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "An SD 1.x MODEL from a core loader (Load Checkpoint, Load "
+                                               "Diffusion Model, ...): the same one your generation uses."}),
+                "adapter": (bridge.adapter_choices(), {
+                    "tooltip": "A DMP task adapter from models/dmp (DMP's layout: depth-hypersim-notext/"
+                               "pytorch_lora_weights.safetensors) or models/loras. Its task comes from the "
+                               "file's metadata or its folder name (depth..., normal..., seg..., albedo..., "
+                               "shading...)."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05,
+                                       "tooltip": "LoRA strength; DMP's adapters were trained for 1."}),
+                "task": (list(TASK_CHOICES), {
+                    "default": "auto",
+                    "tooltip": "What the adapter predicts; auto reads it from the file's metadata or name. Set "
+                               "it for a renamed file without metadata."}),
+            },
+            "optional": {
+                "dmp_model": ("DMP_MODEL", {"tooltip": "Adapters loaded before on the same MODEL: this one is "
+                                                       "added to them (for DMP Predict Tasks)."}),
+            },
+        }
+
+    RETURN_TYPES = ("DMP_MODEL",)
+    RETURN_NAMES = ("dmp_model",)
+    OUTPUT_TOOLTIPS = ("The MODEL with this adapter (and the ones before), for DMP Predict and DMP Predict "
+                       "Tasks.",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Applies a DMP task adapter (a LoRA: depth, normals, segmentation, albedo or shading) to an "
+                   "SD 1.x MODEL with ComfyUI's own LoRA patching. The base is not copied: every adapter is a "
+                   "patch on the MODEL your checkpoint loader already holds. Chain several through dmp_model.")
+
+    def load(self, model, adapter, strength, task="auto", dmp_model=None):
+        bridge.check_sd1_model(model)
+        if dmp_model is not None and dmp_model.adapters[0].model.model is not model.model:
+            raise ValueError("the dmp_model input holds adapters on another MODEL; chain adapters of one base "
+                             "model only (wire the same checkpoint loader's MODEL to every Load DMP Adapter)")
+        path = bridge.resolve_adapter(adapter)
+        info, patched = load_adapter(model, path, strength, task)
+        previous = dmp_model or DMPAdapters(())
+        name = previous.unique_name(adapter_name_for(path))
+        return (previous.added(LoadedAdapter(name, info, patched.model, path, strength)),)
+
+    @classmethod
+    def IS_CHANGED(cls, adapter, **_widgets):
+        """The adapter file's size and modification time, so that a replaced file is read again
+        (ComfyUI passes the widget values only)."""
+        try:
+            status = os.stat(bridge.resolve_adapter(adapter))
+            return f"{adapter}:{status.st_size}:{status.st_mtime_ns}"
+        except (OSError, RuntimeError):
+            return adapter  # load() reports the problem

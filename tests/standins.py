@@ -1,0 +1,57 @@
+"""Stand-in predictors for tests of what is merged, not of the networks.
+
+``PixelBackend`` is a ``prediction.PredictionBackend`` whose networks are pixel-wise: encode =
+8x8 average pooling (latent = the image's colours), one sampler step with the "sample"
+parametrisation returns the latent unchanged, decode = nearest upsampling. So a prediction is the
+image's own colours decoded by the task's codec (depth = grey level x target_scale, normals =
+2 rgb - 1, classes = nearest palette colour), the whole path is mirror-symmetric for widths that
+are multiples of 8, and it costs next to nothing, even at 4096 x 3072.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dmp_model.adapters import AdapterInfo
+from dmp_model.prediction import PredictOptions
+from dmp_model.sampling import schedule_from_config
+from dmp_model.tiny import SCHEDULER_CONFIG_PATH
+
+# One step with the "sample" parametrisation and y_hat out: the result is the model's output at z = x.
+PIXEL_OPTIONS = PredictOptions(steps=1, final_output="y_hat", processing_resolution=0)
+
+
+def pixel_info(task: str, **facts) -> AdapterInfo:
+    return AdapterInfo(task=task, prediction_type="sample", **facts)
+
+
+class PixelBackend:
+    """Pixel-wise networks; records the rows of every denoiser call in ``calls``."""
+
+    mixes_adapters = False
+
+    def __init__(self):
+        import json
+
+        self.schedule = schedule_from_config(json.loads(SCHEDULER_CONFIG_PATH.read_text()))
+        self.calls: list[int] = []
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        pooled = F.avg_pool2d(pixels.float(), 8)
+        return torch.cat([pooled, torch.zeros_like(pooled[:, :1])], 1)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(latents[:, :3], scale_factor=8, mode="nearest")
+
+    def empty_embedding(self) -> torch.Tensor:
+        return torch.zeros(1, 77, 8)
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        return torch.zeros(len(prompts), 77, 8)
+
+    def denoiser(self, adapters, context, guidance_scale):
+        def model(z: torch.Tensor, t: int) -> torch.Tensor:
+            self.calls.append(z.shape[0])
+            return z
+        return model
