@@ -48,6 +48,25 @@ def test_a_job_waiting_for_an_unknown_job_is_an_error(tmp_path):
         run_jobs([_job("orphan", "pass", after=("missing",))], 2, tmp_path)
 
 
+def test_the_schedule_trains_each_run_on_the_same_labels_and_the_prior_runs_wait_for_the_prior(tmp_path):
+    """One `dmp train` job per (run, task): the full fine-tune on its own tasks only; every job reads the
+    same labelled folders with the same steps; only the prior's LoRA waits for the prior's UNet job."""
+    (tmp_path / "logs").mkdir()
+    prior_job = Job("prior_unet", ["true"])
+    jobs = demo.training_jobs(tmp_path, DemoSettings(), tmp_path / "prior", [prior_job])
+    assert [job.name for job in jobs] == ["prior_lora_depth", "prior_lora_normal", "full_finetune_depth",
+                                          "random_unet_lora_depth", "random_unet_lora_normal"]
+    assert [job.after for job in jobs] == [("prior_unet",)] * 2 + [()] * 3
+    configs = {job.name: json.loads((tmp_path / "logs" / f"{job.name}.json").read_text()) for job in jobs}
+    for name, config in configs.items():
+        task = name.rsplit("_", 1)[1]
+        assert config["train_targets"] == str(tmp_path / "world" / "train" / task)
+        assert config["max_steps"] == 120 and config["full_finetune"] == name.startswith("full")
+        assert config["base"] == str(tmp_path / ("prior" if name.startswith("prior") else "base-random"))
+    only_prior = demo.training_jobs(tmp_path, DemoSettings(baselines=False), tmp_path / "prior", [])
+    assert [job.name for job in only_prior] == ["prior_lora_depth", "prior_lora_normal"]
+
+
 def test_settings_must_agree_with_the_prior():
     with pytest.raises(ValueError, match=r"settings.prior.size \(64\) must equal settings.size \(32\)"):
         demo.check_settings(DemoSettings(size=32))

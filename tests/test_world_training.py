@@ -31,7 +31,8 @@ def test_training_on_the_world_beats_the_untrained_adapter(tmp_path):
     seed = 3
     train_dir = write_dataset(tmp_path / "world" / "train", 48, 32, seed)
     val_dir = write_dataset(tmp_path / "world" / "val", 8, 32, seed, start=1_000_000)
-    build_vae_stage(PriorSettings(size=32, images=48, label_maps=48, vae_steps=250, seed=seed, threads=0),
+    build_vae_stage(PriorSettings(size=32, images=48, label_maps=48, vae_steps=250, unet_width=64, seed=seed,
+                                  threads=0),
                     tmp_path / "base")
     config = TrainConfig(base=str(tmp_path / "base"), train_images=str(train_dir / "images"),
                          train_targets=str(train_dir / "depth"), val_images=str(val_dir / "images"),
@@ -98,6 +99,13 @@ def test_the_demo_evaluates_with_the_callers_settings(tiny_base, tmp_path):
     from training.demo import finish_summary
 
     full = finish_summary(summary, settings, tiny_base, {"cached": True})
+    # metrics.json keeps the keys of earlier demos for the in-domain held-out set; out of domain beside them.
+    for split in (full, full["out_of_domain"]):
+        assert {"best_constant_abs_rel", "layout_prior_abs_rel"} <= set(split["depth"])
+        assert {"abs_rel", "delta1"} <= set(split["depth"]["dmp_default"])
+        assert "angular_error_deg" in split["normal"]["dmp_default"]
+    assert full["depth"]["dmp_default"]["abs_rel"] == summary["in_domain"]["depth"]["dmp_default"]["abs_rel"]
+    assert set(full["bars"]) == {"in_domain_2x_best_constant", "in_domain_10pct_under_layout_prior"}
     write_results_sheet(out / "results.png", sheets, full, settings.target_scale, rows=1)
     with Image.open(out / "results.png") as image:
         sheet = np.asarray(image).astype(np.float64) / 255

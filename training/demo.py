@@ -72,14 +72,15 @@ class DemoSettings:
     val_scenes: int = 32  # held-out in-domain scenes
     ood_scenes: int = 32  # held-out out-of-domain scenes, the other styles in turn
     prior: priors.PriorSettings = field(default_factory=priors.PriorSettings)  # must match size, target_scale
-    depth_steps: int = 300
-    normal_steps: int = 300
+    depth_steps: int = 120
+    normal_steps: int = 120
     batch_size: int = 16
     rank: int = 16
     learning_rate: float = 3e-3
     prediction_type: str = "sample"
     full_learning_rate: float = 1e-3  # the full fine-tune's (every weight moves; the LoRA's rate diverges)
     baselines: bool = True  # also train the random-UNet LoRA and the full fine-tune
+    full_finetune_tasks: tuple[str, ...] = ("depth",)  # the full fine-tune's (the bars are on depth; time)
     workers: int = 2  # training processes at once, one thread each
 
 
@@ -185,12 +186,19 @@ def adapter_config(out: Path, run: str, task: str, base: Path, settings: DemoSet
         log_every=10, seed=settings.seed)
 
 
+def run_tasks(run: str, settings: DemoSettings) -> tuple[str, ...]:
+    """The tasks trained in `run` (a key of RUNS): both, or the full fine-tune's own."""
+    return tuple(settings.full_finetune_tasks) if RUNS[run][1] else TASKS
+
+
 def training_jobs(out: Path, settings: DemoSettings, prior_base: Path, prior_jobs: list[Job]) -> list[Job]:
     """One `dmp train` process per (run, task); the prior's LoRA waits for the prior to be finished."""
-    runs = RUNS if settings.baselines else {"prior_lora": RUNS["prior_lora"]}
+    # The prior's LoRA first (it waits for the prior), then the longest job, so both workers stay busy.
+    runs = ["prior_lora", "full_finetune", "random_unet_lora"] if settings.baselines else ["prior_lora"]
     jobs = []
-    for run, (base, _) in runs.items():
-        for task in TASKS:
+    for run in runs:
+        base = RUNS[run][0]
+        for task in run_tasks(run, settings):
             config = adapter_config(out, run, task, prior_base if base == "prior" else out / "base-random",
                                     settings)
             config_file = out / "logs" / f"{run}_{task}.json"
@@ -263,8 +271,8 @@ def load_held_out(folder: Path, names: list[str], style: str | tuple[str, ...]) 
                    [scene_style(style, int(n)) for n in names])
 
 
-def load_run(out: Path, run: str, prior_base: Path):
-    """A DMPModel with the run's depth and normal adapters (named "depth", "normal")."""
+def load_run(out: Path, run: str, prior_base: Path, tasks: tuple[str, ...] = TASKS):
+    """A DMPModel per task of `tasks` holding the run's adapter for it (named "depth", "normal")."""
     from safetensors.torch import load_file
 
     from dmp_model import DMPModel
@@ -275,10 +283,10 @@ def load_run(out: Path, run: str, prior_base: Path):
     folder = out / "runs" / run
     if full:  # each task fine-tuned its own UNet: one model per task, the UNet swapped in before predicting
         return {task: _full_model(model if task == "depth" else None, out, folder / task, load_file)
-                for task in TASKS}
-    for task in TASKS:
+                for task in tasks}
+    for task in tasks:
         model.load_adapter(folder / task)  # named after its folder: "depth", "normal"
-    return {task: model for task in TASKS}
+    return {task: model for task in tasks}
 
 
 def _full_model(model, out: Path, run_dir: Path, load_file):
@@ -315,9 +323,10 @@ def in_convention(truth: HeldOut, convention: str) -> HeldOut:
 def score(models: dict, truth: HeldOut, **options) -> tuple[dict, dict, HeldOut]:
     """Metrics per task and the raw predictions of both adapters on a held-out set, and the set as scored
     (normals in the normal adapter's convention, read from its metadata as for any user)."""
-    truth = in_convention(truth, models["normal"].adapters["normal"].normal_convention)
+    if "normal" in models:
+        truth = in_convention(truth, models["normal"].adapters["normal"].normal_convention)
     results, predictions = {}, {}
-    for task in TASKS:  # both -notext: the empty prompt, no guidance
+    for task in models:  # -notext: the empty prompt, no guidance
         predictions[task] = models[task].predict(truth.images, task, processing_resolution=0, batch_size=16,
                                                  **options).raw
         metrics = TaskMetrics(task)
@@ -341,10 +350,10 @@ def evaluate(out: Path, names: dict[str, list[str]], prior_base: Path, settings:
     sheets = {}
     with torch.inference_mode():
         for run in [run for run in RUNS if settings.baselines or run == "prior_lora"]:
-            models = load_run(out, run, prior_base)
+            models = load_run(out, run, prior_base, run_tasks(run, settings))
             for key, truth in held.items():
                 results, predictions, scored = score(models, truth)
-                for task in TASKS:
+                for task in models:
                     summary[key][task]["dmp_default" if run == "prior_lora" else run] = results[task]
                 if run == "prior_lora":
                     sheets[key] = (scored, predictions)
