@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-import torch
-
 
 def option_error(name: str, value, valid: Collection) -> ValueError:
     """The ValueError for option `name` given `value`: "<name> must be one of <valid>, got <value!r>"."""
@@ -25,6 +23,8 @@ def check_option(name: str, value, valid: Collection) -> None:
 
 def describe_value(value: object) -> str:
     """Short description of a bad argument for error messages (a tensor by dtype and shape)."""
+    import torch  # here, so that option checks need no torch
+
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
     return f"{type(value).__name__} {value!r}"[:120]

@@ -17,7 +17,8 @@ Resolutions and sampler steps are lowered for the CPU (--as-shipped keeps them).
 - the raw depth workflow 1 saves as .npy must equal ``DMPModel.predict`` (the library path, run
   here) on the same checkpoint, adapter, image and settings, to 1e-4 of the depth range;
 - workflow 2 loads the base once (one "model_type" load in the server log for the whole graph);
-- prompts, CLIP Text Encode's conditioning, core's UNet loader with fp8 weights, an adapter found
+- prompts, CLIP Text Encode's conditioning, core's UNet loader with fp8 weights, tiles and a flip
+  ensemble with its uncertainty output, an adapter found
   through extra_model_paths.yaml;
 - bad input (a non-SD 1.x model, an SDXL LoRA, corrupt, truncated and pickled adapter files, a
   prediction given to another task's node, an unknown class name, a missing file) must come back
@@ -306,7 +307,7 @@ def run_success(server: Server, base: Path, name: str, prompt: dict) -> tuple[st
     if result["status"]["status_str"] != "success":
         raise AssertionError(f"{name}: {json.dumps(result['status']['messages'])[:3000]}")
     check_messages(name, prompt, server.messages(reply["prompt_id"]))
-    outputs, previews = result["outputs"], 0
+    outputs, previews, videos = result["outputs"], 0, 0
     for node_id, entry in prompt.items():
         if entry["class_type"] in ("PreviewImage", "SaveImage", "DMPSave"):
             images = outputs.get(node_id, {}).get("images", [])
@@ -324,7 +325,9 @@ def run_success(server: Server, base: Path, name: str, prompt: dict) -> tuple[st
             raise AssertionError(f"{name}: no text from PreviewAny {node_id}")
         if entry["class_type"] == "SaveVideo":
             check_saved_video(name, base, outputs.get(node_id, {}))
-    return f"ok    {name}: {previews} images in {time.monotonic() - started:.1f} s", result
+            videos += 1
+    saved = f"{previews} images" + (f", {videos} videos of {VIDEO_FRAMES} frames" if videos else "")
+    return f"ok    {name}: {saved} in {time.monotonic() - started:.1f} s", result
 
 
 def check_saved_video(name: str, base: Path, output: dict) -> None:
@@ -551,6 +554,11 @@ def run_checks(server: Server, base: Path, as_shipped: bool = False,
     extra = copy.deepcopy(first)
     extra[node_of(extra, "DMPLoadAdapter", 1)]["inputs"]["adapter"] = EXTRA_ADAPTER
     report.append(check_success(server, base, "1 with an adapter from extra_model_paths.yaml", extra))
+    large = copy.deepcopy(first)  # 96 x 64 at 32 px: a global pass and 12 tiles, each a flip ensemble
+    predict_id = node_of(large, "DMPPredict")
+    large[predict_id]["inputs"].update(processing_resolution=32, tile=True, ensemble="flip")
+    large["uncertainty-preview"] = {"class_type": "PreviewImage", "inputs": {"images": [predict_id, 2]}}
+    report.append(check_success(server, base, "1 tiled, as a flip ensemble, uncertainty previewed", large))
     # 3. Bad input: execution errors with actionable messages, and the server goes on.
     report.append(check_error(server, "an SD 2.x UNet as the base", with_unet_loader(first, SD2_UNET, "default"),
                               "DMPLoadAdapter", "DMP needs a Stable Diffusion 1.x model"))

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from training.world import WORLD_CLASSES, Camera, random_scene, render, write_dataset
+from training.world import STYLES, WORLD_CLASSES, Camera, random_scene, render, render_images, write_dataset
 
 
 def _plain_room(**changes):
@@ -26,9 +26,10 @@ def test_scenes_are_a_pure_function_of_seed_and_index():
     assert not np.array_equal(a.image, render(random_scene(3, 8), 32, 32).image)
 
 
-def test_labels_are_consistent():
-    for index in range(6):
-        view = render(random_scene(0, index), 48, 48)
+@pytest.mark.parametrize("style", list(STYLES))
+def test_labels_are_consistent(style):
+    for index in range(4):
+        view = render(random_scene(0, index, style), 48, 48)
         np.testing.assert_allclose(view.image, view.albedo * view.shading[..., None], atol=1e-6)
         np.testing.assert_allclose(np.linalg.norm(view.normal, axis=-1), 1.0, atol=1e-5)
         assert 0.3 < view.depth.min() and view.depth.max() < 8.0  # within DMP's range (target scale 8 m)
@@ -36,7 +37,7 @@ def test_labels_are_consistent():
         assert 0 <= view.shading.min() and view.shading.max() <= 1
         # Every visible surface faces the camera: n . (pixel ray) < 0 in the camera frame.
         h, w = view.depth.shape
-        focal = w / 2 / np.tan(random_scene(0, index).camera.hfov / 2)
+        focal = w / 2 / np.tan(random_scene(0, index, style).camera.hfov / 2)
         v, u = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
         rays = np.stack([(u - w / 2) / focal, (v - h / 2) / focal, np.ones_like(u)], -1)
         assert ((view.normal * rays).sum(-1) < 1e-6).all()
@@ -72,3 +73,25 @@ def test_write_dataset_layout(tmp_path):
     assert [r["file_name"] for r in rows] == ["00010.png", "00011.png", "00012.png"]
     assert all(r["text"].startswith(("a room", "an empty room")) for r in rows)
     assert not list(folder.rglob(".*.tmp"))
+
+
+def test_styles_follow_their_ranges_and_differ():
+    for name, style in STYLES.items():
+        for index in range(8):
+            scene = random_scene(1, index, name)
+            assert scene.style == name
+            assert style.pitch[0] <= scene.camera.pitch <= style.pitch[1]
+            assert style.height[0] <= scene.camera.height <= style.height[1]  # the scale cue every style keeps
+            assert scene.floor_pattern in style.floor_patterns
+            kinds = {obj.label for obj in scene.objects}
+            allowed = {"column" if k == "pillar" else k for k in style.kinds}
+            assert kinds <= allowed and style.objects[0] <= len(scene.objects) <= style.objects[1]
+    images = {name: render_images(4, 32, 0, style=name) for name in STYLES}
+    means = {name: image.reshape(-1, 3).mean(0) for name, image in images.items()}
+    assert abs(means["cellar"].mean() - means["playroom"].mean()) > 20  # dim cellars, bright playrooms
+    assert render_images(4, 32, 0).shape == (4, 32, 32, 3)  # all styles in turn by default
+
+
+def test_an_unknown_style_names_the_known_ones():
+    with pytest.raises(ValueError, match="style must be one of .*'bedrooms'.*got 'castle'"):
+        random_scene(0, 0, "castle")

@@ -15,7 +15,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from dmp_model.adapters import ATTENTION_PROJECTIONS
-from dmp_model.controlnet import NORMAL_CONVENTIONS
+from dmp_model.normals import NORMAL_CONVENTIONS
 from dmp_model.palettes import PALETTES
 from dmp_model.sampling import PREDICTION_TYPES
 from dmp_model.tasks import DEPTH_TARGET_SCALE, TASKS
@@ -84,7 +84,14 @@ class TrainConfig:
                              choices=LORA_INITS)
     prediction_type: str = _option("v_prediction", "what the UNet regresses (DMP: v_prediction)",
                                    choices=PREDICTION_TYPES)
+    min_timestep: int = _option(0, "train on timesteps t uniform in MIN..999 (DMP: 0). The sampler starts from "
+                                "the input image at a high t, where z_t holds little of the target; low t teach "
+                                "the UNet to find the target inside z_t instead of reading the image")
     base_name: str | None = _option(None, "base model name stored in the adapter (default: its file name)")
+    full_finetune: bool = _option(False, "also train every weight of the UNet itself, not only the LoRA (a full "
+                                  "fine-tune: the baseline DMP's frozen prior is compared with). The fine-tuned "
+                                  "UNet is written to OUTPUT_DIR/unet (a diffusers UNet folder): predict with it in "
+                                  "place of the base's UNet, plus the adapter")
     # Optimisation ----------------------------------------------------------------------------
     max_steps: int = _option(50_000, "optimiser steps (DMP: 50K)")
     batch_size: int = _option(8, "images per process per micro-batch")
@@ -155,7 +162,7 @@ def _check_config(config: TrainConfig) -> None:
     positive = ("resolution", "max_steps", "batch_size", "grad_accum", "rank", "keep_checkpoints",
                 "val_steps", "log_every", "val_limit")
     non_negative = ("val_split", "num_workers", "warmup_steps", "checkpoint_every", "val_every",
-                    "val_previews", "seed")
+                    "val_previews", "seed", "min_timestep")
     for name in positive + non_negative:
         value = getattr(config, name)
         low = 1 if name in positive else 0
@@ -164,6 +171,9 @@ def _check_config(config: TrainConfig) -> None:
     if config.resolution % 8:
         raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples 8x), "
                          f"got {config.resolution}")
+    if config.min_timestep > 998:
+        raise ValueError(f"min_timestep must be below 999 (the last of SD's 1000 training steps), "
+                         f"got {config.min_timestep}")
     if config.warmup_steps > config.max_steps:
         raise ValueError(f"warmup_steps ({config.warmup_steps}) must not exceed max_steps "
                          f"({config.max_steps})")

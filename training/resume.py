@@ -17,7 +17,8 @@ aside folders and the temporary folders of a killed run are deleted.
 The dict (``state.pt``, read with ``torch.load(weights_only=True)``) holds: "step", "config" (the
 resolved TrainConfig as a dict), "world_size", "lora" (peft state dict of the trainable weights),
 "optimizer", "lr_scheduler", "rng" (torch's global CPU generator; the data order and the per-step
-generators are functions of (seed, step) and need no state) and "versions".
+generators are functions of (seed, step) and need no state) and "versions"; a full fine-tune
+(``full_finetune``) also "unet", the UNet's own weights under plain diffusers keys.
 """
 
 from __future__ import annotations

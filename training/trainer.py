@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"  # peft's name for the adapter added by ``unet.add_adapter``
 LOG_FILE, CONFIG_FILE, PLOT_FILE = "log.jsonl", "config.json", "curves.png"
+FULL_UNET_FOLDER = "unet"  # where a full fine-tune (config.full_finetune) writes its UNet
 _PRECISION_NAMES = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 
@@ -94,6 +95,44 @@ def add_lora(unet: torch.nn.Module, config: TrainConfig) -> list[torch.nn.Parame
     return params
 
 
+def unfreeze_unet(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Make every UNet weight trainable (``full_finetune``), LoRA included; returns them, in a fixed order."""
+    unet.requires_grad_(True)
+    params = [p for _, p in sorted(unet.named_parameters())]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def unet_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The UNet's own weights without the LoRA, under the plain diffusers keys (peft's ``.base_layer`` removed)."""
+    return {key.replace(".base_layer.", "."): value.detach().float().cpu().clone()
+            for key, value in unet.state_dict().items() if ".lora_" not in key}
+
+
+def load_unet_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Restore weights saved by ``unet_state_dict`` into a UNet carrying a LoRA, strictly."""
+    current = {key.replace(".base_layer.", "."): key for key in unet.state_dict() if ".lora_" not in key}
+    if set(state) != set(current):
+        missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
+        raise ValueError(f"checkpoint UNet weights do not match this model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    result = unet.load_state_dict({current[key]: value for key, value in state.items()}, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"checkpoint UNet weights not loaded: {result.unexpected_keys[:3]}")
+
+
+def save_unet(folder: Path, unet: torch.nn.Module) -> Path:
+    """The fine-tuned UNet (without its LoRA) as a diffusers UNet folder (config.json + safetensors)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    unet.save_config(folder)
+    with atomic_path(folder / "diffusion_pytorch_model.safetensors") as temp:
+        save_file({k: v.contiguous() for k, v in unet_state_dict(unet).items()}, str(temp))
+    return folder
+
+
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trainable LoRA weights in peft layout ('...attn1.to_q.lora_A.weight'), on the CPU."""
     from peft import get_peft_model_state_dict
@@ -131,13 +170,14 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Gener
 
 
 def dmp_loss(unet, x: torch.Tensor, y: torch.Tensor, context: torch.Tensor, alphas_cumprod: torch.Tensor,
-             prediction_type: str, generator: torch.Generator) -> torch.Tensor:
+             prediction_type: str, generator: torch.Generator, min_timestep: int = 0) -> torch.Tensor:
     """DMP's objective for latents x (input) and y (target) [B, 4, h, w]: MSE in float32.
 
-    t ~ U{0..T-1} per sample, a = alphas_cumprod[t], z_t = sqrt(a) y + sqrt(1 - a) x, and the UNet
-    regresses ``training_target`` (v = sqrt(a) x - sqrt(1 - a) y for v-prediction).
+    t ~ U{min_timestep..T-1} per sample (DMP: from 0), a = alphas_cumprod[t],
+    z_t = sqrt(a) y + sqrt(1 - a) x, and the UNet regresses ``training_target``
+    (v = sqrt(a) x - sqrt(1 - a) y for v-prediction).
     """
-    t = torch.randint(0, alphas_cumprod.shape[0], (x.shape[0],), generator=generator).to(x.device)
+    t = torch.randint(min_timestep, alphas_cumprod.shape[0], (x.shape[0],), generator=generator).to(x.device)
     alpha = expand_alpha(alphas_cumprod, t, x.ndim).to(x.dtype)  # [B, 1, 1, 1]
     z_t = interpolate(y, x, alpha)
     target = training_target(prediction_type, y, x, alpha)
@@ -263,6 +303,8 @@ def train(config: TrainConfig, resume: str | os.PathLike | None = None, stop_aft
     model = DMPModel(components)
     unet, vae = model.unet, model.vae
     params = add_lora(unet, config)
+    if config.full_finetune:
+        params = unfreeze_unet(unet)
     info = adapter_info(config)
     model.register_adapter(ADAPTER_NAME, info)
     if config.gradient_checkpointing:
@@ -280,6 +322,8 @@ def train(config: TrainConfig, resume: str | os.PathLike | None = None, stop_aft
     unet_ddp, optimizer = accelerator.prepare(unet, optimizer)
     if state:
         load_lora_state_dict(unet, state["lora"])
+        if config.full_finetune:
+            load_unet_state_dict(unet, state["unet"])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -315,7 +359,7 @@ def train(config: TrainConfig, resume: str | os.PathLike | None = None, stop_aft
             with contextlib.nullcontext() if last else accelerator.no_sync(unet_ddp):  # sync on the last
                 with accelerator.autocast():
                     loss = dmp_loss(unet_ddp, x.to(unet.dtype), y.to(unet.dtype), context, alphas_cumprod,
-                                    config.prediction_type, generator)
+                                    config.prediction_type, generator, config.min_timestep)
                 accelerator.backward(loss / config.grad_accum)
             step_loss += loss.item() / config.grad_accum
         if config.max_grad_norm > 0:
@@ -349,6 +393,8 @@ def train(config: TrainConfig, resume: str | os.PathLike | None = None, stop_aft
     if step == config.max_steps and main:
         adapter = save_adapter(out / ADAPTER_FILE, lora_state_dict(unet), adapter_info(config, step),
                                lora_scale=config.resolved_lora_alpha / config.rank)
+        if config.full_finetune:
+            save_unet(out / FULL_UNET_FOLDER, unet)
         plot_log(out / LOG_FILE, out / PLOT_FILE, config.task)
         logger.info("adapter written to %s (%s)", adapter, _format(metrics))
     accelerator.wait_for_everyone()
@@ -476,6 +522,8 @@ def _save_checkpoint(accelerator, unet, optimizer, lr_scheduler, config: TrainCo
         state = {"step": step, "config": config.to_dict(), "world_size": accelerator.num_processes,
                  "lora": lora, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                  "rng": {"torch": torch.get_rng_state()}, "versions": {"torch": str(torch.__version__)}}
+        if config.full_finetune:
+            state["unet"] = unet_state_dict(unet)
 
         def write_adapter(folder: Path) -> None:
             save_adapter(folder / ADAPTER_FILE, lora, adapter_info(config, step),

@@ -12,7 +12,14 @@ are exact by construction:
 - ``albedo`` (RGB) and ``shading`` (grey, ambient plus Lambertian point light with hard shadows),
   with ``image = albedo * shading`` exactly (no specular term, no anti-aliasing).
 
-Scenes are a pure function of (seed, index) through numpy's SeedSequence. Coordinates: the
+Scenes come in styles (``STYLES``): the same kind of room with other textures, colours, object
+kinds, lighting and camera poses. "bedrooms" is the labelled domain of ``dmp demo`` (DMP's
+adapters were trained on bedrooms); the others are its out-of-domain scenes, and all of them
+together are the unlabelled images its diffusion prior is pre-trained on. Every style keeps the
+scale cues of real rooms (a camera at about eye height, rooms of human size), so metric depth
+stays readable from one image in all of them.
+
+Scenes are a pure function of (seed, index, style) through numpy's SeedSequence. Coordinates: the
 world frame is x right, y down, z forward, with the camera centre at the origin; the floor is
 the plane y = camera height.
 """
@@ -22,25 +29,92 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from dmp_model.options import check_option
+
 logger = logging.getLogger(__name__)
 
 # ADE20K class ids (0-based, as the DMP palette) of what the world contains.
 WORLD_CLASSES = {"wall": 0, "floor": 3, "ceiling": 5, "bed": 7, "cabinet": 10, "table": 15,
-                 "painting": 22, "box": 41, "ball": 119}
+                 "painting": 22, "box": 41, "column": 42, "ball": 119}
 # The camera frame of the normals written by ``write_dataset`` (one of dmp_model's NORMAL_CONVENTIONS).
 NORMAL_CONVENTION = "omnidata"
 # Folder names of the targets written by ``write_dataset`` (the input images go to "images").
 TARGET_FOLDERS = ("depth", "normal", "segmentation", "albedo", "shading")
-_BOX_KINDS = (("cabinet", (0.5, 1.1), (0.6, 1.4), (0.4, 0.6)),  # name, width, height, depth ranges (m)
-              ("table", (0.8, 1.4), (0.45, 0.75), (0.6, 0.9)),
-              ("bed", (1.0, 1.6), (0.35, 0.55), (1.6, 2.0)),
-              ("box", (0.3, 0.6), (0.3, 0.6), (0.3, 0.6)))
+# Bump when a scene of any style renders differently: cached priors record the version they saw.
+WORLD_VERSION = 2
+# Object kinds: the class they are labelled with and width, height, depth ranges in metres
+# ("ball": radius, radius, radius). A pillar is a tall box labelled as a column.
+_OBJECT_KINDS = {"cabinet": ("cabinet", (0.5, 1.1), (0.6, 1.4), (0.4, 0.6)),
+                 "table": ("table", (0.8, 1.4), (0.45, 0.75), (0.6, 0.9)),
+                 "bed": ("bed", (1.0, 1.6), (0.35, 0.55), (1.6, 2.0)),
+                 "box": ("box", (0.3, 0.6), (0.3, 0.6), (0.3, 0.6)),
+                 "pillar": ("column", (0.25, 0.45), (2.0, 2.6), (0.25, 0.45)),
+                 "ball": ("ball", (0.2, 0.5), (0.2, 0.5), (0.2, 0.5))}
+FLOOR_PATTERNS = ("tiles", "planks", "plain", "speckle")
+WALL_PATTERNS = ("stripes", "plain", "bands")
 _EPS = 1e-4
+
+
+@dataclass(frozen=True)
+class Style:
+    """How the scenes of one style are drawn: ranges (low, high) and choices.
+
+    Colours are a random brightness in `brightness` tinted by up to `tint` per channel (0: grey).
+    """
+
+    name: str
+    kinds: tuple[str, ...] = ("cabinet", "table", "bed", "box", "ball")  # keys of _OBJECT_KINDS
+    kind_weights: tuple[float, ...] = (0.175, 0.175, 0.175, 0.175, 0.3)
+    objects: tuple[int, int] = (1, 4)  # count, inclusive
+    pitch: tuple[float, float] = (0.1, 0.35)
+    yaw: tuple[float, float] = (-0.3, 0.3)
+    hfov: tuple[float, float] = (1.0, 1.2)
+    height: tuple[float, float] = (1.45, 1.55)  # camera height (m): the scale cue
+    half_width: tuple[float, float] = (1.8, 3.0)
+    depth: tuple[float, float] = (4.0, 6.0)
+    room_height: tuple[float, float] = (2.5, 3.0)
+    tint: float = 0.25
+    brightness: tuple[float, float] = (0.15, 0.9)
+    wall_brightness: tuple[float, float] = (0.45, 0.9)
+    floor_patterns: tuple[str, ...] = ("tiles",)
+    floor_tile: tuple[float, float] = (0.5, 0.5)
+    wall_patterns: tuple[str, ...] = ("stripes", "plain")
+    painting: float = 0.6  # probability of a painting on the back wall
+    ambient: tuple[float, float] = (0.15, 0.3)
+    light_power: tuple[float, float] = (0.8, 1.0)
+
+
+# "bedrooms" is the labelled domain; the others differ in what the issue calls style: textures,
+# colours, object kinds, lighting and camera poses.
+STYLES = {
+    "bedrooms": Style("bedrooms"),
+    "playroom": Style("playroom", kinds=("ball", "box"), kind_weights=(0.6, 0.4), objects=(3, 7), tint=0.45,
+                      brightness=(0.3, 0.9), wall_brightness=(0.5, 0.95), floor_patterns=("tiles", "plain"),
+                      floor_tile=(0.25, 0.4), wall_patterns=("plain", "bands"), painting=0.2, ambient=(0.3, 0.45),
+                      pitch=(0.2, 0.5), yaw=(-0.5, 0.5)),
+    "gallery": Style("gallery", kinds=("pillar", "box", "table"), kind_weights=(0.5, 0.25, 0.25), objects=(2, 5),
+                     tint=0.06, brightness=(0.25, 0.85), wall_brightness=(0.7, 0.95), floor_patterns=("planks",),
+                     floor_tile=(0.15, 0.3), wall_patterns=("plain",), painting=0.9, ambient=(0.2, 0.35),
+                     pitch=(0.0, 0.2), yaw=(-0.45, 0.45), hfov=(1.1, 1.3), half_width=(2.5, 3.5),
+                     depth=(5.0, 7.0), room_height=(2.8, 3.2)),
+    "cellar": Style("cellar", kinds=("box", "cabinet", "ball"), kind_weights=(0.6, 0.25, 0.15), objects=(2, 6),
+                    tint=0.12, brightness=(0.2, 0.6), wall_brightness=(0.3, 0.6), floor_patterns=("speckle", "tiles"),
+                    floor_tile=(0.3, 0.6), wall_patterns=("bands", "plain"), painting=0.0, ambient=(0.05, 0.15),
+                    light_power=(0.9, 1.0), pitch=(0.25, 0.5), yaw=(-0.35, 0.35), hfov=(0.9, 1.1),
+                    half_width=(1.6, 2.4), room_height=(2.3, 2.6)),
+    "office": Style("office", kinds=("table", "cabinet", "box"), kind_weights=(0.45, 0.4, 0.15), objects=(2, 5),
+                    tint=0.15, brightness=(0.3, 0.8), wall_brightness=(0.55, 0.85),
+                    floor_patterns=("speckle", "plain", "planks"), floor_tile=(0.3, 0.6),
+                    wall_patterns=("stripes", "bands"), painting=0.4, ambient=(0.25, 0.4),
+                    pitch=(0.05, 0.3), yaw=(-0.5, 0.5), hfov=(1.0, 1.3)),
+}
+IN_DOMAIN_STYLE = "bedrooms"
 
 
 @dataclass(frozen=True)
@@ -92,6 +166,9 @@ class Scene:
     light: tuple[float, float, float]
     light_power: float
     ambient: float
+    floor_pattern: str = "tiles"  # one of FLOOR_PATTERNS
+    wall_pattern: str = "stripes"  # one of WALL_PATTERNS; "stripes" with wall_stripes 0 is plain
+    style: str = IN_DOMAIN_STYLE
 
 
 @dataclass
@@ -107,47 +184,71 @@ class WorldView:
     caption: str
 
 
-def _colour(rng: np.random.Generator, low: float = 0.15, high: float = 0.9) -> tuple[float, float, float]:
-    """A random RGB albedo: a random hue at random saturation and brightness."""
+def _colour(rng: np.random.Generator, low: float = 0.15, high: float = 0.9,
+            tint: float = 0.25) -> tuple[float, float, float]:
+    """A random RGB albedo: a random brightness in [low, high], each channel tinted by up to `tint`."""
     base = rng.uniform(low, high)
-    tint = rng.uniform(-0.25, 0.25, size=3)
-    return tuple(float(c) for c in np.clip(base + tint, 0.05, 0.95))
+    shift = rng.uniform(-tint, tint, size=3)
+    return tuple(float(c) for c in np.clip(base + shift, 0.05, 0.95))
 
 
-def random_scene(seed: int, index: int) -> Scene:
-    """A random room, reproducible from (seed, index)."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
-    # Scale cues are consistent, as in real rooms (people hold cameras at eye height, tiles have
-    # standard sizes): without them metric depth from one image would be ambiguous up to scale.
-    camera = Camera(height=rng.uniform(1.45, 1.55), pitch=rng.uniform(0.1, 0.35), yaw=rng.uniform(-0.3, 0.3),
-                    hfov=rng.uniform(1.0, 1.2))
-    half_width, depth, height = rng.uniform(1.8, 3.0), rng.uniform(4.0, 6.0), rng.uniform(2.5, 3.0)
+def get_style(style: str | Style) -> Style:
+    """A Style from its name (one of STYLES) or itself."""
+    if isinstance(style, Style):
+        return style
+    check_option("style", style, tuple(STYLES))
+    return STYLES[style]
+
+
+def _random_objects(rng: np.random.Generator, style: Style, camera: Camera, half_width: float,
+                    depth: float) -> tuple[Box | Sphere, ...]:
+    """The style's objects, resting on the floor between 1.6 m from the camera and the back wall."""
     objects: list[Box | Sphere] = []
-    for _ in range(rng.integers(1, 5)):
+    weights = np.asarray(style.kind_weights) / np.sum(style.kind_weights)
+    for _ in range(rng.integers(style.objects[0], style.objects[1] + 1)):
         z = rng.uniform(1.6, depth - 0.6)
         x = rng.uniform(-half_width + 0.5, half_width - 0.5)
-        if rng.random() < 0.3:
-            radius = rng.uniform(0.2, 0.5)
-            objects.append(Sphere("ball", (x, camera.height - radius, z), radius, _colour(rng)))
+        label, *ranges = _OBJECT_KINDS[style.kinds[rng.choice(len(style.kinds), p=weights)]]
+        colour = _colour(rng, *style.brightness, style.tint)
+        if label == "ball":
+            radius = rng.uniform(*ranges[0])
+            objects.append(Sphere(label, (x, camera.height - radius, z), radius, colour))
         else:
-            label, *ranges = _BOX_KINDS[rng.integers(len(_BOX_KINDS))]
             w, h, d = (rng.uniform(*r) / 2 for r in ranges)
-            objects.append(Box(label, (x, camera.height - h, z), (w, h, d), rng.uniform(-0.8, 0.8),
-                               _colour(rng), rng.choice([0.0, rng.uniform(0.1, 0.25)])))
+            objects.append(Box(label, (x, camera.height - h, z), (w, h, d), rng.uniform(-0.8, 0.8), colour,
+                               rng.choice([0.0, rng.uniform(0.1, 0.25)])))
+    return tuple(objects)
+
+
+def random_scene(seed: int, index: int, style: str | Style = IN_DOMAIN_STYLE) -> Scene:
+    """A random room of `style` (a name in STYLES, default the in-domain "bedrooms"), reproducible
+    from (seed, index, style name)."""
+    style = get_style(style)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index, zlib.crc32(style.name.encode())]))
+    # Scale cues are consistent, as in real rooms (people hold cameras at eye height, tiles have
+    # standard sizes): without them metric depth from one image would be ambiguous up to scale.
+    camera = Camera(height=rng.uniform(*style.height), pitch=rng.uniform(*style.pitch),
+                    yaw=rng.uniform(*style.yaw), hfov=rng.uniform(*style.hfov))
+    half_width, depth, height = (rng.uniform(*style.half_width), rng.uniform(*style.depth),
+                                 rng.uniform(*style.room_height))
+    objects = _random_objects(rng, style, camera, half_width, depth)
     painting = None
-    if rng.random() < 0.6:
+    if rng.random() < style.painting:
         x0 = rng.uniform(-half_width + 0.3, half_width - 1.3)
         y0 = camera.height - rng.uniform(1.6, 2.2)
         painting = (x0, x0 + rng.uniform(0.6, 1.0), y0 - rng.uniform(0.4, 0.7), y0)
+    wall_pattern = str(rng.choice(style.wall_patterns))
     return Scene(
         camera=camera, room_half_width=half_width, room_depth=depth, room_height=height,
-        floor_colours=(_colour(rng, 0.2, 0.6), _colour(rng, 0.4, 0.85)), floor_tile=0.5,
-        wall_colour=_colour(rng, 0.45, 0.9), wall_stripes=rng.choice([0.0, rng.uniform(0.15, 0.4)]),
-        ceiling_colour=_colour(rng, 0.7, 0.95), painting=painting,
-        painting_colours=tuple(_colour(rng) for _ in range(3)), objects=tuple(objects),
+        floor_colours=(_colour(rng, 0.2, 0.6, style.tint), _colour(rng, 0.4, 0.85, style.tint)),
+        floor_tile=rng.uniform(*style.floor_tile), wall_colour=_colour(rng, *style.wall_brightness, style.tint),
+        wall_stripes=0.0 if wall_pattern == "plain" else rng.uniform(0.15, 0.4),
+        ceiling_colour=_colour(rng, 0.7, 0.95, style.tint), painting=painting,
+        painting_colours=tuple(_colour(rng, tint=max(style.tint, 0.25)) for _ in range(3)), objects=objects,
         light=(rng.uniform(-half_width + 0.3, half_width - 0.3), camera.height - height + 0.3,
                rng.uniform(0.5, depth - 1.0)),
-        light_power=rng.uniform(0.8, 1.0), ambient=rng.uniform(0.15, 0.3))
+        light_power=rng.uniform(*style.light_power), ambient=rng.uniform(*style.ambient),
+        floor_pattern=str(rng.choice(style.floor_patterns)), wall_pattern=wall_pattern, style=style.name)
 
 
 def _rotation(pitch: float, yaw: float) -> np.ndarray:
@@ -228,11 +329,12 @@ def _room_albedo(points: np.ndarray, surface: np.ndarray, scene: Scene) -> tuple
     albedo = np.tile(np.asarray(scene.wall_colour), (n, 1))
     labels = np.full(n, WORLD_CLASSES["wall"])
     if scene.wall_stripes > 0:
-        along = np.where(surface == 0, points[:, 2], points[:, 0])
+        along = np.where(surface == 0, points[:, 2], points[:, 0])  # vertical stripes
+        if scene.wall_pattern == "bands":
+            along = points[:, 1]  # horizontal bands
         albedo = albedo * np.where(np.floor(along / scene.wall_stripes) % 2 == 0, 1.0, 0.85)[:, None]
-    tiles = (np.floor(points[:, 0] / scene.floor_tile) + np.floor(points[:, 2] / scene.floor_tile)) % 2
     floor = surface == 1
-    albedo[floor] = np.where(tiles[floor, None] == 0, scene.floor_colours[0], scene.floor_colours[1])
+    albedo[floor] = _floor_albedo(points[floor], scene)
     labels[floor] = WORLD_CLASSES["floor"]
     albedo[surface == 2] = scene.ceiling_colour
     labels[surface == 2] = WORLD_CLASSES["ceiling"]
@@ -244,6 +346,21 @@ def _room_albedo(points: np.ndarray, surface: np.ndarray, scene: Scene) -> tuple
         albedo[inside] = np.asarray(scene.painting_colours)[band[inside]]
         labels[inside] = WORLD_CLASSES["painting"]
     return albedo, labels
+
+
+def _floor_albedo(points: np.ndarray, scene: Scene) -> np.ndarray:
+    """Floor albedo [N, 3] at floor points [N, 3] in the scene's pattern (FLOOR_PATTERNS)."""
+    cell_x, cell_z = np.floor(points[:, 0] / scene.floor_tile), np.floor(points[:, 2] / scene.floor_tile)
+    first, second = np.asarray(scene.floor_colours[0]), np.asarray(scene.floor_colours[1])
+    if scene.floor_pattern == "plain":
+        return np.tile(first, (len(points), 1))
+    if scene.floor_pattern == "planks":  # boards running away from the camera, seams every tile
+        mix = (cell_x % 2)[:, None] * 0.35
+    elif scene.floor_pattern == "speckle":  # stone: a hashed grey level per small cell, no grid lines
+        mix = (np.sin(cell_x * 12.9898 + cell_z * 78.233) * 43758.5453 % 1.0)[:, None] * 0.6
+    else:  # tiles: a checkerboard of the two colours
+        mix = ((cell_x + cell_z) % 2)[:, None]
+    return first * (1 - mix) + second * mix
 
 
 def render(scene: Scene, height: int = 64, width: int = 64) -> WorldView:
@@ -304,8 +421,20 @@ def caption(scene: Scene) -> str:
     return "a room with " + (", ".join(things[:-1]) + " and " + things[-1] if len(things) > 1 else things[0])
 
 
+def scene_style(style: str | tuple[str, ...], index: int) -> str:
+    """The style of scene `index` of a set drawn in `style` (one name, or names taken in turn)."""
+    return style if isinstance(style, str) else style[index % len(style)]
+
+
+def render_images(count: int, size: int = 64, seed: int = 0, start: int = 0,
+                  style: str | tuple[str, ...] = tuple(STYLES)) -> np.ndarray:
+    """Only the images of scenes start .. start + count - 1 (styles in turn): uint8 [N, size, size, 3]."""
+    return np.stack([_to_uint8(render(random_scene(seed, i, scene_style(style, i)), size, size).image)
+                     for i in range(start, start + count)])
+
+
 def write_dataset(folder: str | os.PathLike, count: int, size: int = 64, seed: int = 0,
-                  start: int = 0) -> Path:
+                  start: int = 0, style: str | tuple[str, ...] = IN_DOMAIN_STYLE) -> Path:
     """Render `count` scenes into the folder layout ``dmp train`` reads.
 
     Layout: ``images/{i:05d}.png`` (RGB, with ``images/metadata.jsonl`` captions in the Hugging
@@ -318,6 +447,7 @@ def write_dataset(folder: str | os.PathLike, count: int, size: int = 64, seed: i
         size: image side in pixels.
         seed: world seed; a scene is a pure function of (seed, index).
         start: first scene index (train and validation splits use disjoint ranges).
+        style: the scenes' style (a name in STYLES), or several names taken in turn by scene index.
 
     Returns:
         the folder.
@@ -331,7 +461,7 @@ def write_dataset(folder: str | os.PathLike, count: int, size: int = 64, seed: i
         (folder / name).mkdir(parents=True, exist_ok=True)
     captions = []
     for index in range(start, start + count):
-        view = render(random_scene(seed, index), size, size)
+        view = render(random_scene(seed, index, scene_style(style, index)), size, size)
         stem = f"{index:05d}"
         files = {
             "images": Image.fromarray(_to_uint8(view.image)),

@@ -1,0 +1,143 @@
+"""`dmp demo`'s orchestration: the job schedule, the folder rules, the bars, the table; and (slow) the whole
+demo at a tiny size, twice, the second time on the cached prior."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from training import demo
+from training.demo import DemoSettings, Job, check_bars, markdown_table, run_jobs
+from training.prior import PriorSettings
+
+
+def _job(name: str, code: str, after: tuple[str, ...] = ()) -> Job:
+    return Job(name, [sys.executable, "-c", code], after)
+
+
+def test_jobs_run_in_parallel_after_their_dependencies(tmp_path):
+    """Two workers: a and b overlap; c starts only after a, d only after c."""
+    stamp = "import sys, time; open(sys.argv[1], 'a').write(f'{time.time()}\\n'); time.sleep(1.0); " \
+            "open(sys.argv[1], 'a').write(f'{time.time()}\\n')"
+    jobs = [Job(name, [sys.executable, "-c", stamp, str(tmp_path / f"{name}.txt")], after)
+            for name, after in (("a", ()), ("b", ()), ("c", ("a",)), ("d", ("c",)))]
+    seconds = run_jobs(jobs, 2, tmp_path)
+    assert set(seconds) == {"a", "b", "c", "d"}
+    times = {name: [float(t) for t in (tmp_path / f"{name}.txt").read_text().split()] for name in "abcd"}
+    assert times["b"][0] < times["a"][1] and times["a"][0] < times["b"][1]  # a and b overlapped
+    assert times["c"][0] >= times["a"][1] and times["d"][0] >= times["c"][1]
+    assert (tmp_path / "a.log").is_file()
+
+
+def test_a_failed_job_stops_the_others_and_names_its_log(tmp_path):
+    started = time.perf_counter()
+    jobs = [_job("slow", "import time; time.sleep(60)"), _job("bad", "import sys; print('boom'); sys.exit(3)"),
+            _job("later", "pass", after=("bad",))]
+    with pytest.raises(RuntimeError, match=r"bad process failed \(exit 3\).*bad\.log.*boom"):
+        run_jobs(jobs, 2, tmp_path)
+    assert time.perf_counter() - started < 30  # the slow job was killed, not waited for
+    assert not (tmp_path / "later.log").exists()
+
+
+def test_a_job_waiting_for_an_unknown_job_is_an_error(tmp_path):
+    with pytest.raises(RuntimeError, match="wait for jobs that never run"):
+        run_jobs([_job("orphan", "pass", after=("missing",))], 2, tmp_path)
+
+
+def test_the_schedule_trains_each_run_on_the_same_labels_and_the_prior_runs_wait_for_the_prior(tmp_path):
+    """One `dmp train` job per (run, task): the full fine-tune on its own tasks only; every job reads the
+    same labelled folders with the same steps; only the prior's LoRA waits for the prior's UNet job."""
+    (tmp_path / "logs").mkdir()
+    prior_job = Job("prior_unet", ["true"])
+    jobs = demo.training_jobs(tmp_path, DemoSettings(), tmp_path / "prior", [prior_job])
+    assert [job.name for job in jobs] == ["prior_lora_depth", "prior_lora_normal", "full_finetune_depth",
+                                          "random_unet_lora_depth", "random_unet_lora_normal"]
+    assert [job.after for job in jobs] == [("prior_unet",)] * 2 + [()] * 3
+    configs = {job.name: json.loads((tmp_path / "logs" / f"{job.name}.json").read_text()) for job in jobs}
+    for name, config in configs.items():
+        task = name.rsplit("_", 1)[1]
+        assert config["train_targets"] == str(tmp_path / "world" / "train" / task)
+        assert config["max_steps"] == 120 and config["full_finetune"] == name.startswith("full")
+        assert config["base"] == str(tmp_path / ("prior" if name.startswith("prior") else "base-random"))
+    only_prior = demo.training_jobs(tmp_path, DemoSettings(baselines=False), tmp_path / "prior", [])
+    assert [job.name for job in only_prior] == ["prior_lora_depth", "prior_lora_normal"]
+
+
+def test_settings_must_agree_with_the_prior():
+    with pytest.raises(ValueError, match=r"settings.prior.size \(64\) must equal settings.size \(32\)"):
+        demo.check_settings(DemoSettings(size=32))
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        demo.check_settings(DemoSettings(workers=0))
+
+
+def _split(abs_rel, constant=0.3, layout=0.15, random=None):
+    depth = {"best_constant_m": 3.0, "best_constant_abs_rel": constant, "layout_prior_abs_rel": layout,
+             "dmp_default": {"abs_rel": abs_rel, "delta1": 0.8, "improvement_over_constant": constant / abs_rel}}
+    normal = {"mean_normal_angular_error_deg": 50.0, "dmp_default": {"angular_error_deg": 20.0}}
+    if random is not None:
+        depth["random_unet_lora"] = {"abs_rel": random, "delta1": 0.7}
+        normal["random_unet_lora"] = {"angular_error_deg": 25.0}
+    return {"depth": depth, "normal": normal}
+
+
+@pytest.mark.parametrize("in_domain, ood, failed", [
+    (0.12, 0.18, []),
+    (0.16, 0.18, ["in_domain_2x_best_constant", "in_domain_10pct_under_layout_prior"]),
+    (0.14, 0.18, ["in_domain_10pct_under_layout_prior"]),  # 0.14 > 0.9 x 0.15
+    (0.12, 0.21, ["out_of_domain_beats_random_unet_lora"]),
+])
+def test_the_bars_are_the_issues(in_domain, ood, failed):
+    summary = {**_split(in_domain, random=0.14), "out_of_domain": _split(ood, random=0.20)}
+    bars = check_bars(summary)
+    assert sorted(name for name, ok in bars.items() if not ok) == sorted(failed)
+
+
+def test_the_table_has_a_row_per_method_and_dashes_where_nothing_applies():
+    summary = {**_split(0.12, random=0.14), "out_of_domain": _split(0.18, random=0.20)}
+    lines = markdown_table(summary).splitlines()
+    assert lines[0].startswith("|  | in domain: depth AbsRel | δ1 | normals | out of domain")
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines[2:]}
+    assert set(rows) == {demo.RUN_LABELS["prior_lora"], demo.RUN_LABELS["random_unet_lora"],
+                         "best constant depth / mean normal", "per-pixel layout prior (ignores the image)"}
+    assert "| 0.120 | 0.800 | 20.0° | 0.180 |" in rows[demo.RUN_LABELS["prior_lora"]]
+    assert rows["per-pixel layout prior (ignores the image)"].endswith("| 0.150 | – | – | 0.150 | – | – |")
+
+
+def test_an_unrelated_folder_is_never_overwritten(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty and holds no earlier demo"):
+        demo.run_demo(tmp_path, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+TINY_PRIOR = PriorSettings(size=32, images=12, label_maps=4, vae_steps=20, vae_batch=4, unet_width=32, unet_steps=10,
+                           unet_batch=4, unet_warmup=2, threads=1)
+TINY_DEMO = DemoSettings(size=32, train_scenes=8, val_scenes=4, ood_scenes=4, prior=TINY_PRIOR, depth_steps=4,
+                         normal_steps=4, batch_size=4, rank=2)
+
+
+@pytest.mark.slow
+def test_the_whole_demo_twice_the_second_time_on_the_cached_prior(tmp_path):
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    first = demo.run_demo(out, TINY_DEMO, cache_dir=cache)
+    assert first["prior"]["cached"] is False and "prior_unet_s" in first["timings"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("abs_rel", "delta1"):
+        assert key in metrics["depth"]["dmp_default"] and key in metrics["out_of_domain"]["depth"]["full_finetune"]
+    for name in ("best_constant_abs_rel", "layout_prior_abs_rel"):
+        assert name in metrics["depth"] and name in metrics["out_of_domain"]["depth"]
+    assert set(metrics["bars"]) == {"in_domain_2x_best_constant", "in_domain_10pct_under_layout_prior",
+                                    "out_of_domain_beats_random_unet_lora"}
+    assert (out / "results.png").is_file() and "same LoRA, random UNet" in (out / "results.md").read_text()
+    with pytest.raises(ValueError, match="pass --overwrite"):
+        demo.run_demo(out, TINY_DEMO, cache_dir=cache)
+
+    second = demo.run_demo(out, TINY_DEMO, overwrite=True, cache_dir=cache)
+    assert second["prior"]["cached"] is True and "prior_unet_s" not in second["timings"]
+    # Same prior, same seeds: the same numbers.
+    assert second["depth"]["dmp_default"] == pytest.approx(first["depth"]["dmp_default"], rel=1e-4)
+    assert Path(second["prior"]["base"]) == Path(first["prior"]["base"])
