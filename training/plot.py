@@ -1,13 +1,16 @@
-"""Line plots of the training log drawn with Pillow alone (no matplotlib dependency)."""
+"""The training log (log.jsonl): reading it, and line plots of it drawn with Pillow alone (no matplotlib)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from dmp_model.writers import atomic_path
+
+from .metrics import HIGHER_IS_BETTER, MAIN_METRIC
 
 _COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189))
 _PANEL = (520, 260)
@@ -134,3 +137,23 @@ def plot_points(path: str | os.PathLike, title: str, points: Sequence[tuple[str,
     with atomic_path(path) as temp:
         image.save(temp, format="PNG")
     return Path(path)
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The records of a run's log.jsonl."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike, task: str) -> Path:
+    """Loss (raw and smoothed, log scale) and the task's main validation metric against the step."""
+    records = read_log(log_path)
+    losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    metric = MAIN_METRIC[task]
+    values = [(r["step"], r["val"].get(metric, math.nan)) for r in records if "val" in r]
+    panels = [("training loss", {"loss": losses, "moving average": moving_average(losses)}, True),
+              (f"validation {metric} ({'higher' if metric in HIGHER_IS_BETTER else 'lower'} is better)",
+               {metric: values}, False)]
+    return plot_curves(png_path, panels)

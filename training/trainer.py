@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -44,10 +43,9 @@ from dmp_model.writers import atomic_path, write_png8
 
 from . import resume as ckpt
 from .config import TrainConfig, config_differences
-from .data import (DataError, PairDataset, PlanSampler, SamplePlan, adapter_info, check_pairs, collate,
-                   find_pairs, mix_seed)
-from .metrics import HIGHER_IS_BETTER, MAIN_METRIC, TaskMetrics
-from .plot import moving_average, plot_curves
+from .data import PairDataset, PlanSampler, SamplePlan, adapter_info, build_datasets, collate, mix_seed
+from .metrics import TaskMetrics
+from .plot import plot_log
 
 logger = logging.getLogger(__name__)
 
@@ -404,34 +402,6 @@ def train(config: TrainConfig, resume: str | os.PathLike | None = None, stop_aft
 
 # Pieces of the run ------------------------------------------------------------------------------
 
-def build_datasets(config: TrainConfig, log: bool = True) -> tuple[PairDataset, PairDataset]:
-    """Training and validation datasets; skipped pairs are logged by name with a count."""
-    pairs, problems = find_pairs(config.train_images, config.train_targets, config.task, config.captions)
-    if config.val_images is not None:
-        val_pairs, val_problems = find_pairs(config.val_images, config.val_targets, config.task,
-                                             config.captions, role="validation")
-        val_pairs, more = check_pairs(val_pairs, config, "validation")
-        problems += val_problems + more
-    pairs, more = check_pairs(pairs, config)
-    problems += more
-    if config.val_images is None:
-        if config.val_split >= len(pairs):
-            raise DataError(f"val_split={config.val_split} would hold out all {len(pairs)} usable training "
-                            "pairs; lower it or give --val-images/--val-targets")
-        held = set(torch.randperm(len(pairs), generator=torch.Generator().manual_seed(config.seed))
-                   [:config.val_split].tolist())
-        val_pairs = [p for i, p in enumerate(pairs) if i in held]
-        pairs = [p for i, p in enumerate(pairs) if i not in held]
-        if not val_pairs:
-            logger.warning("no validation pairs (val_split=0): validation is skipped")
-    if problems and log:
-        logger.warning("skipped %d pairs: %s", len(problems), "; ".join(problems[:20])
-                       + (f"; ... ({len(problems) - 20} more)" if len(problems) > 20 else ""))
-    if log:
-        logger.info("%d training pairs, %d validation pairs (%s)", len(pairs), len(val_pairs), config.task)
-    return PairDataset(pairs, config), PairDataset(val_pairs, config)
-
-
 def _resume_state(out: Path, config: TrainConfig, resume, num_processes: int) -> dict | None:
     """The checkpoint to continue from (checked against the configuration), or None for a new run."""
     folder = ckpt.resolve_resume(out, resume)
@@ -516,7 +486,7 @@ def _format(metrics: dict[str, float]) -> str:
 
 
 def _save_checkpoint(accelerator, unet, optimizer, lr_scheduler, config: TrainConfig, step: int) -> None:
-    """The checkpoint dict (see checkpoints.py), written by the main process while the others wait."""
+    """The checkpoint dict (see resume.py), written by the main process while the others wait."""
     if accelerator.is_main_process:
         lora = lora_state_dict(unet)
         state = {"step": step, "config": config.to_dict(), "world_size": accelerator.num_processes,
@@ -532,23 +502,3 @@ def _save_checkpoint(accelerator, unet, optimizer, lr_scheduler, config: TrainCo
         path = ckpt.save_checkpoint(config.output_dir, state, write_adapter, config.keep_checkpoints)
         logger.debug("checkpoint %s", path)
     accelerator.wait_for_everyone()
-
-
-def read_log(path: str | os.PathLike) -> list[dict]:
-    """The records of a run's log.jsonl."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike, task: str) -> Path:
-    """Loss (raw and smoothed, log scale) and the task's main validation metric against the step."""
-    records = read_log(log_path)
-    losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    metric = MAIN_METRIC[task]
-    values = [(r["step"], r["val"].get(metric, math.nan)) for r in records if "val" in r]
-    panels = [("training loss", {"loss": losses, "moving average": moving_average(losses)}, True),
-              (f"validation {metric} ({'higher' if metric in HIGHER_IS_BETTER else 'lower'} is better)",
-               {metric: values}, False)]
-    return plot_curves(png_path, panels)

@@ -14,7 +14,7 @@ import torch
 from dmp_model.imageproc import load_image
 
 from ..config import TrainConfig
-from .pairs import Pair
+from .pairs import Pair, find_pairs
 from .targets import ACCEPTED_KINDS, DataError, TargetKindError, read_target
 from .transforms import encode_target, fit, fit_target, flip_target
 
@@ -81,6 +81,34 @@ class PairDataset(torch.utils.data.Dataset):
             image, raw = image.flip(-1), flip_target(raw, self.config.task)
         return {"image": image * 2 - 1, "target": encode_target(raw, self.config), "raw": raw,
                 "caption": self.pairs[index].caption, "index": index, "flip": flip}
+
+
+def build_datasets(config: TrainConfig, log: bool = True) -> tuple[PairDataset, PairDataset]:
+    """Training and validation datasets; skipped pairs are logged by name with a count."""
+    pairs, problems = find_pairs(config.train_images, config.train_targets, config.task, config.captions)
+    if config.val_images is not None:
+        val_pairs, val_problems = find_pairs(config.val_images, config.val_targets, config.task,
+                                             config.captions, role="validation")
+        val_pairs, more = check_pairs(val_pairs, config, "validation")
+        problems += val_problems + more
+    pairs, more = check_pairs(pairs, config)
+    problems += more
+    if config.val_images is None:
+        if config.val_split >= len(pairs):
+            raise DataError(f"val_split={config.val_split} would hold out all {len(pairs)} usable training "
+                            "pairs; lower it or give --val-images/--val-targets")
+        held = set(torch.randperm(len(pairs), generator=torch.Generator().manual_seed(config.seed))
+                   [:config.val_split].tolist())
+        val_pairs = [p for i, p in enumerate(pairs) if i in held]
+        pairs = [p for i, p in enumerate(pairs) if i not in held]
+        if not val_pairs:
+            logger.warning("no validation pairs (val_split=0): validation is skipped")
+    if problems and log:
+        logger.warning("skipped %d pairs: %s", len(problems), "; ".join(problems[:20])
+                       + (f"; ... ({len(problems) - 20} more)" if len(problems) > 20 else ""))
+    if log:
+        logger.info("%d training pairs, %d validation pairs (%s)", len(pairs), len(val_pairs), config.task)
+    return PairDataset(pairs, config), PairDataset(val_pairs, config)
 
 
 def collate(items: list[dict]) -> dict:
