@@ -16,6 +16,7 @@ from pathlib import Path
 
 from dmp_model.adapters import ATTENTION_PROJECTIONS
 from dmp_model.normals import NORMAL_CONVENTIONS
+from dmp_model.options import option_error
 from dmp_model.palettes import PALETTES
 from dmp_model.sampling import PREDICTION_TYPES
 from dmp_model.tasks import DEPTH_TARGET_SCALE, TASKS
@@ -158,7 +159,7 @@ def _check_config(config: TrainConfig) -> None:
         value = getattr(config, spec.name)
         values = value if isinstance(value, tuple) else (value,)
         if choices and value is not None and any(v not in choices for v in values):
-            raise ValueError(f"{spec.name} must be one of {choices}, got {value!r}")
+            raise option_error(spec.name, value, choices)
     positive = ("resolution", "max_steps", "batch_size", "grad_accum", "rank", "keep_checkpoints",
                 "val_steps", "log_every", "val_limit")
     non_negative = ("val_split", "num_workers", "warmup_steps", "checkpoint_every", "val_every",
