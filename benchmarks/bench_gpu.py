@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from bench_common import ADAPTER, OTHER, bare_dmp, bare_marigold, build, run_dmp, run_marigold
 
 METHODS = {  # name: (run the method, run its bare loop)

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from bench_common import ADAPTER, OTHER, bare_dmp, build, run_dmp, run_marigold
 
 

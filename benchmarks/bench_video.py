@@ -106,10 +106,9 @@ for line in open("/proc/self/status"):
 
 
 def bench_cli(repeats: int, steps: int) -> None:
-    from factories import write_official_adapter
-
     from dmp_model.tiny import build_tiny_components, save_tiny_sd
     from dmp_model.video import write_video
+    from factories import write_official_adapter
 
     peaks: dict[int, list[float]] = {}
     with tempfile.TemporaryDirectory() as workdir:

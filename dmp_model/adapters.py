@@ -15,17 +15,17 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from collections.abc import Mapping
 
 import torch
 
-from .weight_files import read_state_dict
 from .normals import NORMAL_CONVENTIONS
 from .options import check_option
 from .sampling import PREDICTION_TYPES
 from .tasks import DEPTH_TARGET_SCALE, TASKS
+from .weight_files import read_state_dict
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from collections.abc import Sequence
 
 import torch
 

@@ -25,8 +25,16 @@ from . import adapters as adapter_files
 from .adapters import AdapterInfo
 from .denoiser import AdapterDenoiser, MergedLora
 from .loading import BaseComponents, load_base
-from .prediction import (Prediction, PredictOptions, ProgressCallback, StepCounter, check_conditioning,
-                         chunk_rows, predict_images, sample_group)
+from .prediction import (
+    Prediction,
+    PredictOptions,
+    ProgressCallback,
+    StepCounter,
+    check_conditioning,
+    chunk_rows,
+    predict_images,
+    sample_group,
+)
 from .sampling import Denoiser, schedule_from_config
 from .text import TextConditioner, cache_file_for
 

@@ -24,10 +24,9 @@ import torch
 from . import ensemble, tiling
 from .adapters import AdapterInfo
 from .colormaps import COLORMAPS, batch_percentiles
-from .options import check_option
 from .imageproc import Framing, frame_batch, processing_size, to_image_batch, unframe
-from .sampling import (FINAL_OUTPUTS, PREDICTION_TYPES, SAMPLERS, Denoiser, Schedule, get_timesteps,
-                       sample_dmp)
+from .options import check_option
+from .sampling import FINAL_OUTPUTS, PREDICTION_TYPES, SAMPLERS, Denoiser, Schedule, get_timesteps, sample_dmp
 from .tasks import get_codec
 from .temporal import TemporalAligner, clip_aligners
 

@@ -11,10 +11,9 @@ Everything here is a small pure function of tensors, in the manner of k-diffusio
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np

@@ -11,8 +11,8 @@ import os
 import pickle
 import struct
 import zipfile
-from pathlib import Path
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 

@@ -8,9 +8,8 @@ pack loads no base model and needs no model library beyond what ComfyUI already 
 from __future__ import annotations
 
 from . import comfy_bridge
-from .maps import (DMPDepthColorize, DMPDepthToControlNet, DMPIntrinsics, DMPNormalsToControlNet,
-                   DMPSegmentation)
 from .adapters import DMPLoadAdapter
+from .maps import DMPDepthColorize, DMPDepthToControlNet, DMPIntrinsics, DMPNormalsToControlNet, DMPSegmentation
 from .predict import DMPPredict, DMPPredictTasks, DMPUncertainty
 from .save import DMPSave
 

@@ -7,8 +7,8 @@ from ..dmp_model.colormaps import COLORMAPS, RANGE_MODES
 from ..dmp_model.controlnet import DEPTH_CONTROL_MODES
 from ..dmp_model.normals import NORMAL_CONVENTIONS
 from ..dmp_model.options import check_option
-from ..dmp_model.prediction import PredictOptions
 from ..dmp_model.palettes import ADE20K_CLASSES, PALETTES
+from ..dmp_model.prediction import PredictOptions
 from ..dmp_model.tasks import get_codec
 from . import comfy_bridge as bridge
 from .common import MAPS_CATEGORY, PREDICTION_TOOLTIP, image_out, mask_out, require_prediction

@@ -54,8 +54,7 @@ for _path in (ROOT, ROOT / "tests"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from comfy_stubs.model_files import (ADAPTERS, adapter_choice,  # noqa: E402
-                                     write_official_adapter, write_sdxl_lora)
+from comfy_stubs.model_files import ADAPTERS, adapter_choice, write_official_adapter, write_sdxl_lora  # noqa: E402
 from comfy_stubs.workflow_api import to_api  # noqa: E402
 
 WORKFLOWS = ROOT / "example_workflows"
@@ -77,9 +76,10 @@ def make_full_size_models(cache: Path) -> Path:
     """Random-weight models in the real layouts (made once): checkpoints/, controlnet/, dmp/, unet/, loras/."""
     import torch
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-    from ldm_layout import write_single_file
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm_layout import write_single_file
 
     done = cache / "complete-v2"
     if done.is_file():

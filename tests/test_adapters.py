@@ -6,13 +6,19 @@ import pickle
 
 import pytest
 import torch
-from factories import attention_layers, merged_unet, official_state_dict, random_lora, write_official_adapter
 from safetensors.torch import save_file
 
 from dmp_model import AdapterInfo, DMPModel
-from dmp_model.adapters import (detect_adapter_format, infer_info_from_name, info_to_metadata, read_adapter,
-                                save_adapter, to_peft_state_dict)
+from dmp_model.adapters import (
+    detect_adapter_format,
+    infer_info_from_name,
+    info_to_metadata,
+    read_adapter,
+    save_adapter,
+    to_peft_state_dict,
+)
 from dmp_model.weight_files import CheckpointError
+from factories import attention_layers, merged_unet, official_state_dict, random_lora, write_official_adapter
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from cli_args import predict_argv
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from factories import write_official_adapter
 from PIL import Image
 
+from cli_args import predict_argv
 from dmp_model import DMPModel, cli
 from dmp_model.palettes import palette
 from dmp_model.writers import read_depth_png16
+from factories import write_official_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = {"a.png": (16, 24), "b.png": (24, 16), "sub/c.png": (16, 16), "sub/d.jpg": (20, 28), "sub/deep/e.png": (8, 8)}

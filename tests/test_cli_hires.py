@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 
-from cli_args import predict_argv
 import numpy as np
 from diffusers import UNet2DConditionModel
-from factories import write_official_adapter
 from PIL import Image
 
+from cli_args import predict_argv
 from dmp_model import cli
+from factories import write_official_adapter
 
 SIZES = {"odd.png": (41, 57), "wide.png": (40, 64)}
 

@@ -6,10 +6,10 @@ import torch
 from dmp_model import colormaps
 from dmp_model.colormaps import (
     COLORMAPS,
-    colorize,
-    colormap_lut,
     RANGE_MODES,
     batch_percentiles,
+    colorize,
+    colormap_lut,
     normalize,
     normalize_per_image,
     per_image_percentiles,

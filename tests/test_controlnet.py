@@ -4,8 +4,8 @@ import itertools
 
 import pytest
 import torch
-from clip_helpers import panning_clip
 
+from clip_helpers import panning_clip
 from dmp_model.controlnet import DEPTH_CONTROL_MODES, depth_to_control, normals_to_control, segmentation_to_control
 from dmp_model.normals import NORMAL_CONVENTIONS, convert_normals, normals_to_rgb, rgb_to_normals
 from dmp_model.palettes import paint

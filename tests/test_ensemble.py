@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from standins import PIXEL_OPTIONS, PixelBackend, pixel_info
 
 from dmp_model.alignment import apply_scale_shift, fit_scale_shift
 from dmp_model.ensemble import predict_flip, uncertainty_visual
 from dmp_model.prediction import PredictOptions, predict_images
 from dmp_model.tasks import get_codec
+from standins import PIXEL_OPTIONS, PixelBackend, pixel_info
 
 DEPTH, NORMAL = "depth-test-notext", "normal-test-notext"
 

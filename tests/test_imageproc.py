@@ -7,8 +7,17 @@ import pytest
 import torch
 from PIL import Image
 
-from dmp_model.imageproc import (array_to_tensor, frame_batch, list_images, load_image, pil_to_tensor,
-                                 processing_size, resize, to_image_batch, unframe)
+from dmp_model.imageproc import (
+    array_to_tensor,
+    frame_batch,
+    list_images,
+    load_image,
+    pil_to_tensor,
+    processing_size,
+    resize,
+    to_image_batch,
+    unframe,
+)
 
 
 # Expected values written out from torchvision's rule (`_compute_resized_output_size` with size=[r]):

@@ -20,15 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from factories import write_official_adapter
-from ldm_layout import ldm_state_dict, write_single_file
 from safetensors.torch import save_file
-from weight_keys import DMP_LORA, FOUND, INPAINTING, SD2, SDXL, VAE_ONLY, Payload, write_keys
 from transformers import CLIPTextModel
 
 from dmp_model import DMPModel
-from dmp_model.weight_files import CheckpointError
 from dmp_model.loading import PRECISIONS, load_base, resolve_device, resolve_dtype
+from dmp_model.weight_files import CheckpointError
+from factories import write_official_adapter
+from ldm_layout import ldm_state_dict, write_single_file
+from weight_keys import DMP_LORA, FOUND, INPAINTING, SD2, SDXL, VAE_ONLY, Payload, write_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factories import write_official_adapter
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
 from dmp_model import DMPModel
 from dmp_model.denoiser import AdapterDenoiser, MergedLora
 from dmp_model.sampling import get_timesteps, sample_dmp
+from factories import write_official_adapter
 
 NAMES = ("depth-a-notext", "normal-b-notext")
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from factories import merged_unet, random_lora, write_official_adapter
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from dmp_model import DMPModel, PredictOptions
+from factories import merged_unet, random_lora, write_official_adapter
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,18 @@ import torch
 from diffusers import DDIMScheduler
 
 from dmp_model.loading import SD1_CONFIG_DIR
-from dmp_model.sampling import (PREDICTION_TYPES, Schedule, apply_guidance, get_timesteps, interpolate, sample_dmp,
-                                schedule_from_config, split_prediction, training_target, velocity)
+from dmp_model.sampling import (
+    PREDICTION_TYPES,
+    Schedule,
+    apply_guidance,
+    get_timesteps,
+    interpolate,
+    sample_dmp,
+    schedule_from_config,
+    split_prediction,
+    training_target,
+    velocity,
+)
 
 SCHEDULER_CONFIG = json.loads((SD1_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())
 SCHEDULE = schedule_from_config(SCHEDULER_CONFIG)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from clip_helpers import STAND_IN_DEPTH, STAND_IN_NORMAL, STAND_IN_OPTIONS, StandInBackend, panning_clip
 
+from clip_helpers import STAND_IN_DEPTH, STAND_IN_NORMAL, STAND_IN_OPTIONS, StandInBackend, panning_clip
 from dmp_model.alignment import fit_scale
 from dmp_model.prediction import PredictOptions, predict_images
 from dmp_model.tasks import get_codec

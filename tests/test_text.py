@@ -8,13 +8,13 @@ import shutil
 
 import pytest
 import torch
-from factories import write_official_adapter
-from ldm_layout import write_single_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from dmp_model import DMPModel
 from dmp_model.text import TOKENIZER_HINT, TextConditioner, cache_file_for, empty_prompt_ids
 from dmp_model.tiny import tiny_text_encoder_config
+from factories import write_official_adapter
+from ldm_layout import write_single_file
 
 SD_EMPTY_IDS = [49406] + [49407] * 76
 

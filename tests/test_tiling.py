@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from standins import PIXEL_OPTIONS, PixelBackend, pixel_info
 
 from dmp_model.ensemble import align
 from dmp_model.imageproc import resize
 from dmp_model.palettes import NUM_CLASSES
 from dmp_model.prediction import PredictOptions, predict_images
 from dmp_model.tiling import TileMerger, predict_tiled, tile_layout, tile_starts
+from standins import PIXEL_OPTIONS, PixelBackend, pixel_info
 
 ROOT = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH, TILE, RESOLUTION = 301, 517, 64, 64  # odd sizes on purpose

@@ -11,21 +11,29 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from cli_args import train_argv
 import pytest
 import torch
 from PIL import Image
 
+from cli_args import train_argv
 from dmp_model import DMPModel
 from dmp_model.adapters import ATTENTION_PROJECTIONS
-from dmp_model.weight_files import read_state_dict
 from dmp_model.sampling import schedule_from_config
+from dmp_model.weight_files import read_state_dict
 from training import TrainConfig, train
-from training.resume import list_checkpoints, load_checkpoint, recover_interrupted, save_checkpoint
 from training.data import adapter_info
 from training.metrics import TaskMetrics
-from training.trainer import (ADAPTER_FILE, ADAPTER_NAME, add_lora, build_datasets, dmp_loss,
-                              load_lora_state_dict, load_validation, validate)
+from training.resume import list_checkpoints, load_checkpoint, recover_interrupted, save_checkpoint
+from training.trainer import (
+    ADAPTER_FILE,
+    ADAPTER_NAME,
+    add_lora,
+    build_datasets,
+    dmp_loss,
+    load_lora_state_dict,
+    load_validation,
+    validate,
+)
 from training.world import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

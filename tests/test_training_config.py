@@ -10,11 +10,18 @@ from dataclasses import replace
 import pytest
 import torch
 
+from dmp_model.adapters import ATTENTION_PROJECTIONS
 from training.cli import add_train_arguments, config_from_args
 from training.config import TrainConfig, config_differences, config_from_dict
-from dmp_model.adapters import ATTENTION_PROJECTIONS
-from training.metrics import (HIGHER_IS_BETTER, MAIN_METRIC, METRICS, TaskMetrics, best_constant_depth,
-                              best_constant_depth_map, constant_depth_abs_rel)
+from training.metrics import (
+    HIGHER_IS_BETTER,
+    MAIN_METRIC,
+    METRICS,
+    TaskMetrics,
+    best_constant_depth,
+    best_constant_depth_map,
+    constant_depth_abs_rel,
+)
 from training.plot import plot_curves
 
 REQUIRED = dict(base="base", train_images="img", train_targets="tgt")

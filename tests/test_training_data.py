@@ -13,8 +13,18 @@ from PIL import Image
 from dmp_model.palettes import palette
 from dmp_model.writers import exr_available, write_depth_png16, write_exr
 from training.config import TrainConfig
-from training.data import (DataError, PairDataset, SamplePlan, TargetKindError, check_pairs, find_pairs,
-                           fit_target, flip_target, read_captions, read_target)
+from training.data import (
+    DataError,
+    PairDataset,
+    SamplePlan,
+    TargetKindError,
+    check_pairs,
+    find_pairs,
+    fit_target,
+    flip_target,
+    read_captions,
+    read_target,
+)
 
 
 def config(tmp_path: Path, **changes) -> TrainConfig:

@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cli_args import train_argv
 import pytest
 import torch
 
+from cli_args import train_argv
 from training.resume import list_checkpoints, load_checkpoint
 from training.trainer import ADAPTER_FILE
 from training.world import write_dataset

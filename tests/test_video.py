@@ -6,15 +6,15 @@ import logging
 import re
 import sys
 
-from cli_args import predict_argv
 import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from factories import write_official_adapter
 
+from cli_args import predict_argv
 from dmp_model import cli
 from dmp_model.video import VIDEO_EXTENSIONS, probe_video, read_frames, require_av, write_video
+from factories import write_official_adapter
 
 pytest.importorskip("av")
 

@@ -15,12 +15,38 @@ import zipfile
 import pytest
 import torch
 from safetensors.torch import save_file
-from weight_keys import (DIFFUSERS_TEXT, DIFFUSERS_UNET, DMP_LORA, FLUX, FOUND, INPAINTING, INSTRUCT, KOHYA_LORA,
-                         OLD_DIFFUSERS_LORA, PEFT_LORA, RANDOM, SD1, SD2, SD3, SDXL, VAE_KEYS, VAE_ONLY, Payload, U,
-                         write_keys)
 
-from dmp_model.weight_files import (MODEL_FAMILIES, CheckpointError, check_sd1, describe_family, detect_family,
-                                   read_key_shapes, read_state_dict)
+from dmp_model.weight_files import (
+    MODEL_FAMILIES,
+    CheckpointError,
+    check_sd1,
+    describe_family,
+    detect_family,
+    read_key_shapes,
+    read_state_dict,
+)
+from weight_keys import (
+    DIFFUSERS_TEXT,
+    DIFFUSERS_UNET,
+    DMP_LORA,
+    FLUX,
+    FOUND,
+    INPAINTING,
+    INSTRUCT,
+    KOHYA_LORA,
+    OLD_DIFFUSERS_LORA,
+    PEFT_LORA,
+    RANDOM,
+    SD1,
+    SD2,
+    SD3,
+    SDXL,
+    VAE_KEYS,
+    VAE_ONLY,
+    Payload,
+    U,
+    write_keys,
+)
 
 CASES = [
     ("sd1", SD1), ("sd2", SD2), ("sd2", {k: v for k, v in SD2.items() if "cond_stage_model" not in k}),

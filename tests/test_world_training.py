@@ -18,12 +18,27 @@ from dmp_model.adapters import save_adapter
 from dmp_model.normals import convert_normals
 from training import TrainConfig, train
 from training.data import adapter_info, encode_target, read_target
-from training.demo import (SHEET_HEADER, SHEET_LABEL_WIDTH, SHEET_ZOOM, DemoSettings, adapter_config, evaluate,
-                           write_results_sheet, write_worlds)
+from training.demo import (
+    SHEET_HEADER,
+    SHEET_LABEL_WIDTH,
+    SHEET_ZOOM,
+    DemoSettings,
+    adapter_config,
+    evaluate,
+    write_results_sheet,
+    write_worlds,
+)
 from training.metrics import constant_depth_abs_rel
 from training.prior import PRIOR_START, PriorSettings, build_vae_stage, render_prior_data
-from training.trainer import (ADAPTER_FILE, ADAPTER_NAME, add_lora, build_datasets, load_validation, lora_state_dict,
-                              validate)
+from training.trainer import (
+    ADAPTER_FILE,
+    ADAPTER_NAME,
+    add_lora,
+    build_datasets,
+    load_validation,
+    lora_state_dict,
+    validate,
+)
 from training.world import IN_DOMAIN_STYLE, NORMAL_CONVENTION, write_dataset
 
 

@@ -92,7 +92,8 @@ def register_train(subparsers) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """`dmp demo`: the miniature world end to end."""
-    from .demo import DemoSettings, run_demo as demo
+    from .demo import DemoSettings
+    from .demo import run_demo as demo
 
     try:
         summary = demo(args.output, DemoSettings(seed=args.seed), overwrite=args.overwrite,
@@ -125,8 +126,8 @@ def register_demo(subparsers) -> None:
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     """The data, the model, the grid (each axis takes several values) and the fixed settings."""
-    from dmp_model.normals import NORMAL_CONVENTIONS
     from dmp_model.loading import PRECISIONS
+    from dmp_model.normals import NORMAL_CONVENTIONS
     from dmp_model.palettes import PALETTES
 
     from .metrics import DEPTH_ALIGNMENTS

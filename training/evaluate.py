@@ -40,7 +40,7 @@ import torch
 from dmp_model.adapters import AdapterInfo
 from dmp_model.ensemble import ENSEMBLES
 from dmp_model.imageproc import load_image
-from dmp_model.prediction import PredictOptions, Prediction
+from dmp_model.prediction import Prediction, PredictOptions
 from dmp_model.sampling import SAMPLERS, SPACINGS
 from dmp_model.tasks import get_codec
 from dmp_model.writers import atomic_path

@@ -23,8 +23,8 @@ import math
 
 import torch
 
-from dmp_model.options import check_option
 from dmp_model.alignment import apply_scale_shift, fit_scale_shift
+from dmp_model.options import check_option
 from dmp_model.palettes import NUM_CLASSES
 
 DEPTH_ALIGNMENTS = ("none", "scale_shift")

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from factories import official_state_dict, random_lora
 
 from dmp_model.adapters import ADAPTER_FILE
+from factories import official_state_dict, random_lora
 
 # Task -> adapter folder name, as in example_workflows/.
 ADAPTERS = {"depth": "depth-hypersim-notext", "normal": "normal-scene100-notext",

@@ -12,8 +12,15 @@ The public names are imported here, so ``from training.data import ...`` keeps w
 from .dataset import PairDataset, build_datasets, check_pairs, collate
 from .order import PlanSampler, SamplePlan, mix_seed
 from .pairs import Pair, find_pairs, read_captions
-from .targets import (ACCEPTED_KINDS, ARRAY_EXTENSIONS, TARGET_EXTENSIONS, DataError, TargetKindError, read_normals,
-                      read_target)
+from .targets import (
+                      ACCEPTED_KINDS,
+                      ARRAY_EXTENSIONS,
+                      TARGET_EXTENSIONS,
+                      DataError,
+                      TargetKindError,
+                      read_normals,
+                      read_target,
+)
 from .transforms import adapter_info, encode_raw_target, encode_target, fit, fit_target, flip_target
 
 __all__ = ["ACCEPTED_KINDS", "ARRAY_EXTENSIONS", "TARGET_EXTENSIONS", "DataError", "Pair", "PairDataset",
