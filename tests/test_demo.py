@@ -61,7 +61,8 @@ def test_the_schedule_trains_each_run_on_the_same_labels_and_the_prior_runs_wait
     for name, config in configs.items():
         task = name.rsplit("_", 1)[1]
         assert config["train_targets"] == str(tmp_path / "world" / "train" / task)
-        assert config["max_steps"] == 120 and config["full_finetune"] == name.startswith("full")
+        steps = DemoSettings().depth_steps if task == "depth" else DemoSettings().normal_steps
+        assert config["max_steps"] == steps and config["full_finetune"] == name.startswith("full")
         assert config["base"] == str(tmp_path / ("prior" if name.startswith("prior") else "base-random"))
     only_prior = demo.training_jobs(tmp_path, DemoSettings(baselines=False), tmp_path / "prior", [])
     assert [job.name for job in only_prior] == ["prior_lora_depth", "prior_lora_normal"]

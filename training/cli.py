@@ -109,7 +109,7 @@ def register_demo(subparsers) -> None:
     """Entry point ("dmp.commands"): add `demo` to the `dmp` command."""
     parser = subparsers.add_parser(
         "demo", help="DMP's claim on a procedural miniature world: a diffusion prior makes a few labels "
-                     "generalise (CPU, under 5 minutes the first time, then about 2)",
+                     "generalise (CPU, under 5 minutes the first time, then under 3)",
         description="Render a miniature world with exact labels in several styles, pre-train a tiny SD-shaped "
                     "model on its images as a diffusion model (once; cached), train depth and normal adapters "
                     "on one style with `dmp train`'s code (LoRA on the prior, the same LoRA on a random UNet, "

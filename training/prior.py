@@ -11,8 +11,9 @@ weights cannot ship, so ``dmp demo`` builds its own prior, once, and caches it:
    sees a few). It never sees a label of another style. Its latent space is then rescaled exactly
    so that SD's scaling factor 0.18215 gives unit-variance latents.
 3. Pre-train the tiny SD-shaped UNet as a text-free diffusion model on the VAE latents of the
-   images, as SD was pre-trained: z_t = sqrt(a) x0 + sqrt(1 - a) noise, the UNet regresses the
-   velocity (or the noise) under SD's schedule, conditioned on the empty prompt. That is exactly
+   images, as SD was pre-trained: z_t = sqrt(a) x0 + sqrt(1 - a) noise under SD's schedule,
+   conditioned on the empty prompt; the UNet regresses the clean latent x0 by default (the
+   parameterisation of the demo's adapters; SD's own noise or velocity are settings). That is exactly
    the DMP objective with Gaussian noise in the place of the input image, so it is computed by the
    trainer's own ``dmp_loss``.
 
@@ -73,7 +74,9 @@ class PriorSettings:
     unet_batch: int = 32
     unet_lr: float = 1e-3
     unet_warmup: int = 40
-    prediction_type: str = "epsilon"  # SD 1.x's objective (measured: adapters on it beat a v-prior's)
+    # x0-prediction, not SD 1.x's epsilon: the demo's adapters predict the clean target ("sample"), and
+    # LoRAs on an x0-prior beat those on an epsilon-prior out of domain (README, "What was tried").
+    prediction_type: str = "sample"
     threads: int = 2  # the VAE's convolutions use both cores
 
 
@@ -182,7 +185,8 @@ def pretrain_unet(unet, latents: tuple[torch.Tensor, torch.Tensor], context: tor
 
     The loss is the trainer's ``dmp_loss`` with Gaussian noise as its "input image": with x = noise
     and y = the image latent, z_t = sqrt(a) y + sqrt(1 - a) noise is SD's forward process and the
-    target (v = sqrt(a) noise - sqrt(1 - a) y for v-prediction) is SD's. AdamW, linear warm-up,
+    target (y itself for "sample", the noise for "epsilon", v = sqrt(a) noise - sqrt(1 - a) y for
+    "v_prediction") is the diffusion model's. AdamW, linear warm-up,
     cosine decay; t uniform over SD's 1000 steps.
     """
     from .trainer import dmp_loss, sample_latents
