@@ -53,7 +53,8 @@ def test_the_schedule_trains_each_run_on_the_same_labels_and_the_prior_runs_wait
     same labelled folders with the same steps; only the prior's LoRA waits for the prior's UNet job."""
     (tmp_path / "logs").mkdir()
     prior_job = Job("prior_unet", ["true"])
-    jobs = demo.training_jobs(tmp_path, DemoSettings(), tmp_path / "prior", [prior_job])
+    settings = DemoSettings()
+    jobs = demo.training_jobs(tmp_path, settings, tmp_path / "prior", [prior_job])
     assert [job.name for job in jobs] == ["prior_lora_depth", "prior_lora_normal", "full_finetune_depth",
                                           "random_unet_lora_depth", "random_unet_lora_normal"]
     assert [job.after for job in jobs] == [("prior_unet",)] * 2 + [()] * 3
@@ -61,7 +62,7 @@ def test_the_schedule_trains_each_run_on_the_same_labels_and_the_prior_runs_wait
     for name, config in configs.items():
         task = name.rsplit("_", 1)[1]
         assert config["train_targets"] == str(tmp_path / "world" / "train" / task)
-        steps = DemoSettings().depth_steps if task == "depth" else DemoSettings().normal_steps
+        steps = settings.depth_steps if task == "depth" else settings.normal_steps
         assert config["max_steps"] == steps and config["full_finetune"] == name.startswith("full")
         assert config["base"] == str(tmp_path / ("prior" if name.startswith("prior") else "base-random"))
     only_prior = demo.training_jobs(tmp_path, DemoSettings(baselines=False), tmp_path / "prior", [])
