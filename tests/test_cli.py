@@ -89,10 +89,15 @@ def test_predict_writes_every_output_and_matches_the_library(tiny_base, adapters
         assert normals.shape == (height, width, 3)
         np.testing.assert_allclose(np.linalg.norm(normals, axis=-1), 1.0, atol=1e-5)
         png, info = read_depth_png16(out / "depth-a-notext" / f"{stem}_depth16.png")
-        assert info["encoding"] == "millimeters" and np.abs(png - depth).max() <= 0.0005 + 1e-6
+        # Rounding to whole millimetres is off by at most 0.5 mm; reading the count back as float32 metres
+        # adds at most half a float32 step at that depth (np.spacing, a whole step, bounds it).
+        slack = float(np.spacing(np.abs(depth).max()))
+        assert info["encoding"] == "millimeters" and np.abs(png - depth).max() <= 0.0005 + slack
         with Image.open(out / "depth-a-notext" / f"{stem}_visual.png") as visual:
             assert visual.mode == "RGB" and visual.size == (width, height)
         if name == "sub/c.png":
+            # The only 16x16 image, so the CLI predicted it alone: the same batch shape, weights and float ops
+            # as this library call, so bit-equal results (the tolerance is slack, not a rounding budget).
             result = model.predict_tasks(images / name, ["depth-a-notext", "normal-b-notext"], steps=2,
                                          processing_resolution=0)
             np.testing.assert_allclose(depth, result["depth-a-notext"].raw[0].numpy(), atol=1e-6)
@@ -188,6 +193,7 @@ def test_exr_outputs_equal_the_npy_values(tiny_base, adapters, tmp_path, caplog)
     assert code == 0
     assert sorted(snapshot(out)) == ["depth-a-notext/a.exr", "depth-a-notext/a.npy",
                                      "normal-b-notext/a.exr", "normal-b-notext/a.npy"]
+    # Exact by construction: both files hold the same float32 array (EXR FLOAT channels, lossless ZIP).
     depth = OpenEXR.File(str(out / "depth-a-notext" / "a.exr"), separate_channels=True).channels()
     np.testing.assert_array_equal(depth["Y"].pixels, np.load(out / "depth-a-notext" / "a.npy"))
     normals = OpenEXR.File(str(out / "normal-b-notext" / "a.exr"), separate_channels=True).channels()
@@ -204,6 +210,7 @@ def test_segmentation_writes_class_maps(tiny_base, adapters, tmp_path, caplog):
                                      "seg-c-notext/room_visual.png"]  # no EXR of class ids
     ids = np.load(out / "seg-c-notext" / "room.npy")
     assert ids.shape == (16, 24) and ids.dtype == np.uint8 and 0 <= ids.min() and ids.max() < 150
+    # Exact by construction: the PNG holds the same uint8 ids, and the preview is a palette lookup of them.
     with Image.open(out / "seg-c-notext" / "room_classes.png") as classes:
         assert classes.mode == "L" and np.array_equal(np.asarray(classes), ids)
     with Image.open(out / "seg-c-notext" / "room_visual.png") as visual:
@@ -294,9 +301,12 @@ def test_batch_size_groups_same_size_images_and_a_failed_batch_is_retried_one_by
     assert code == 0 and summaries == [(1, 1, 4, 0, 0)] and sorted(batches) == [1, 1, 2]
     alone = tmp_path / "alone"
     assert run(caplog, args_for(tiny_base, adapters, [images], alone, "--batch-size", "1"))[0] == 0
+    # A batch of 2 against batches of 1: other matrix shapes, so another summation order in the BLAS, and
+    # differences of ~1e-5 m (measured) on depths up to 8 m, depending on the machine. 1e-3 m leaves room
+    # for that; an image written under another image's name is off by 0.7-1.1 m.
     for name in ("a", "b", "c", "d"):
         np.testing.assert_allclose(np.load(tmp_path / "batched" / "depth-a-notext" / f"{name}.npy"),
-                                   np.load(alone / "depth-a-notext" / f"{name}.npy"), atol=1e-4)
+                                   np.load(alone / "depth-a-notext" / f"{name}.npy"), atol=1e-3, rtol=0)
 
     def fail_batches(self, images, *args, **kwargs):  # e.g. out of memory for batches, fine one by one
         if images.shape[0] > 1:

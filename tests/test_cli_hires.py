@@ -33,6 +33,8 @@ def test_tiled_flip_ensemble_writes_uncertainty_at_the_input_size(tiny_base, tmp
             raw = np.load(f"{stem}.npy")
             uncertainty = np.load(f"{stem}_uncertainty.npy")
             assert raw.shape == (height, width) and uncertainty.shape == (height, width)
+            # >= 0 exactly, not by rounding luck: a square root (depth), a vote share 1 - k / M (classes), and
+            # tiles blended with non-negative weights.
             assert uncertainty.dtype == np.float32 and np.isfinite(uncertainty).all() and uncertainty.min() >= 0
             with Image.open(f"{stem}_uncertainty.png") as preview:
                 assert preview.size == (width, height)

@@ -19,17 +19,35 @@ def _job(name: str, code: str, after: tuple[str, ...] = ()) -> Job:
     return Job(name, [sys.executable, "-c", code], after)
 
 
+# A job: says it started, notes whether job `done` had ended by then, waits (up to 60 s) for job `meet`
+# to start, notes whether it did, and says it ended. No clocks: a slow machine only makes it slower.
+RENDEZVOUS = """
+import os, sys, time
+me, done, meet = sys.argv[1:4]
+ended_before = not done or os.path.exists(done + ".end")
+open(me + ".start", "w").close()
+deadline = time.monotonic() + 60
+while meet and not os.path.exists(meet + ".start") and time.monotonic() < deadline:
+    time.sleep(0.01)
+met = not meet or os.path.exists(meet + ".start")
+with open(me + ".end", "w") as f:
+    f.write(f"{ended_before} {met}")
+"""
+
+
 def test_jobs_run_in_parallel_after_their_dependencies(tmp_path):
     """Two workers: a and b overlap; c starts only after a, d only after c."""
-    stamp = "import sys, time; open(sys.argv[1], 'a').write(f'{time.time()}\\n'); time.sleep(1.0); " \
-            "open(sys.argv[1], 'a').write(f'{time.time()}\\n')"
-    jobs = [Job(name, [sys.executable, "-c", stamp, str(tmp_path / f"{name}.txt")], after)
-            for name, after in (("a", ()), ("b", ()), ("c", ("a",)), ("d", ("c",)))]
+    def job(name: str, after: tuple[str, ...] = (), meet: str = "") -> Job:
+        paths = [str(tmp_path / n) if n else "" for n in (name, after[0] if after else "", meet)]
+        return Job(name, [sys.executable, "-c", RENDEZVOUS, *paths], after)
+
+    # a waits for b to start and b for a: both finish only if they ran at the same time.
+    jobs = [job("a", meet="b"), job("b", meet="a"), job("c", ("a",)), job("d", ("c",))]
     seconds = run_jobs(jobs, 2, tmp_path)
     assert set(seconds) == {"a", "b", "c", "d"}
-    times = {name: [float(t) for t in (tmp_path / f"{name}.txt").read_text().split()] for name in "abcd"}
-    assert times["b"][0] < times["a"][1] and times["a"][0] < times["b"][1]  # a and b overlapped
-    assert times["c"][0] >= times["a"][1] and times["d"][0] >= times["c"][1]
+    notes = {name: (tmp_path / f"{name}.end").read_text() for name in "abcd"}
+    assert notes["a"] == notes["b"] == "True True"  # a and b overlapped
+    assert notes["c"] == notes["d"] == "True True"  # c started after a had ended, d after c
     assert (tmp_path / "a.log").is_file()
 
 
@@ -140,6 +158,7 @@ def test_the_whole_demo_twice_the_second_time_on_the_cached_prior(tmp_path):
 
     second = demo.run_demo(out, TINY_DEMO, overwrite=True, cache_dir=cache)
     assert second["prior"]["cached"] is True and "prior_unet_s" not in second["timings"]
-    # Same prior, same seeds: the same numbers.
+    # Same prior files, same seeds, the same single-threaded training processes: the same float ops, so the
+    # same numbers (rel=1e-4 is slack, not a rounding budget).
     assert second["depth"]["dmp_default"] == pytest.approx(first["depth"]["dmp_default"], rel=1e-4)
     assert Path(second["prior"]["base"]) == Path(first["prior"]["base"])

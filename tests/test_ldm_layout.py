@@ -138,12 +138,19 @@ def test_tiny_single_file_round_trip(tiny, tmp_path, fmt):
     for original, loaded in ((unet, unet2), (vae, vae2), (text_encoder, text_encoder2)):
         _assert_same_tensors(original, loaded)
 
+    for module in (unet, vae, text_encoder):  # both sides in fresh allocations (values unchanged)
+        _realign(module)
     expected, as_loaded = _outputs(unet, vae, text_encoder), _outputs(unet2, vae2, text_encoder2)
     for module in (unet2, vae2, text_encoder2):
         _realign(module)
     realigned = _outputs(unet2, vae2, text_encoder2)
     for name, tensor in expected.items():
-        torch.testing.assert_close(as_loaded[name], tensor, rtol=1e-5, atol=1e-5)
+        # Weights straight from the file may take other kernel paths (see _realign): another summation order,
+        # ~1e-6 on outputs of scale 1-4. 1e-4 allows any BLAS; a wrong weight or layer is off by far more.
+        torch.testing.assert_close(as_loaded[name], tensor, rtol=1e-4, atol=1e-4)
+        # Exact by construction: the same classes and configs, bit-identical tensors (checked above) in
+        # equally aligned fresh allocations, the same inputs, one process: the same float ops in the same
+        # order. Bit equality also catches config slips too small for a tolerance (an eps, a scale).
         assert torch.equal(realigned[name], tensor), name
 
 
@@ -202,7 +209,7 @@ def test_generic_unet_layout_round_trips_through_diffusers_converter():
     back = sfu.convert_ldm_unet_checkpoint(ldm, dict(unet.config))
     original = unet.state_dict()
     assert back.keys() == original.keys()
-    assert all(torch.equal(back[k], original[k]) for k in original)
+    assert all(torch.equal(back[k], original[k]) for k in original)  # renamed and reshaped copies: exact
 
 
 # ----------------------------------------------------------------------------- real SD 1.x names
@@ -306,7 +313,7 @@ def test_fp16_file_loads_as_float32_unless_torch_dtype(tiny, tmp_path):
 
     upcast = _load_unet(path, folder)
     assert upcast.dtype == torch.float32
-    assert torch.equal(upcast.conv_out.weight, unet.conv_out.weight.half().float())
+    assert torch.equal(upcast.conv_out.weight, unet.conv_out.weight.half().float())  # casts: exact, by construction
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         half = _load_unet(path, folder, torch_dtype=torch.float16)
@@ -351,7 +358,11 @@ def test_missing_single_key_is_not_a_clean_error(tiny):
     del sd[TEXT_ENCODER_PREFIX + "encoder.layers.0.mlp.fc1.weight"]
     with pytest.raises(NotImplementedError, match="meta tensor"):
         _load_unet(sd, folder)
-    loaded = _load_unet(sd, folder, low_cpu_mem_usage=False)
+    # The random init comes from the global generator: seeded apart from the tiny model's (seed 0), so
+    # that it cannot reproduce the missing weight whatever ran before.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(12345)
+        loaded = _load_unet(sd, folder, low_cpu_mem_usage=False)
     assert not torch.equal(loaded.down_blocks[0].attentions[0].proj_in.weight,
                            unet.down_blocks[0].attentions[0].proj_in.weight)
     assert _load_text_encoder(sd, folder).encoder.layers[0].mlp.fc1.weight.device.type == "meta"

@@ -14,6 +14,7 @@ from dmp_model.tiny import write_tiny_tokenizer
 
 def test_class_fractions_largest_first():
     ids = torch.tensor([[[5, 5, 0], [5, 149, 0]], [[5, 5, 5], [0, 0, 149]]])
+    # Exact: Python divides integer counts, and 4 / 12 and 1 / 3 round the same rational number alike.
     assert class_fractions(ids) == [(5, 0.5), (0, 1 / 3), (149, 1 / 6)]
     assert class_fractions(torch.zeros(1, 0, 3, dtype=torch.int64)) == []
     with pytest.raises(ValueError, match="class ids in 0..149"):

@@ -72,6 +72,11 @@ def reference_loop(unet, base, src_latents, steps, prediction_type, oracle, unco
     return latents
 
 
+def random_images(*shape: int, seed: int = 0) -> torch.Tensor:
+    """Images in [0, 1] from a seeded generator (where the values do not matter, they still do not vary)."""
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
+
+
 CASES = [(5, "v_prediction", False), (5, "v_prediction", True), (1, "v_prediction", False), (10, "sample", True),
          (10, "epsilon", False), (2, "sample", False), (3, "epsilon", True)]
 
@@ -84,8 +89,11 @@ def test_final_latents_match_the_reference_without_prompt(parity, steps, predict
     ours = model.sample(x, "depth-p-notext", steps=steps, prediction_type=prediction_type,
                         sampler="oracle" if oracle else "ddim")
     expected = reference_loop(reference_unet, base, x, steps, prediction_type, oracle, uncond)
+    # Both sides do the same float operations (the reference's DDIM formulas in its order, W + up @ down
+    # from the same tensors), and agree to the bit here; an implementation reordering one operation would
+    # leave fp32 rounding, ~1e-6 of the latents ('sample' latents reach ~30), far below these bounds.
     torch.testing.assert_close(ours, expected, atol=5e-4, rtol=0)
-    assert (ours - expected).abs().max() < 1e-4
+    assert (ours - expected).abs().max() < 1e-4 * max(1.0, float(expected.abs().max()))
 
 
 @pytest.mark.parametrize("guidance", [2.0, 3.5])
@@ -125,6 +133,7 @@ def test_predict_encodes_with_the_latent_mean_and_returns_the_sampled_latents(ti
     pixels = images * 2 - 1
     with torch.no_grad():
         mean = tiny_model.vae.encode(pixels).latent_dist.mean * tiny_model.vae.config.scaling_factor
+    # The same VAE and sampler calls on the same [2, ...] batches: the same operations (exact here).
     torch.testing.assert_close(result.input_latents, mean, atol=1e-6, rtol=0)
     torch.testing.assert_close(result.latents, tiny_model.sample(mean, "depth-test-notext"), atol=1e-6, rtol=0)
 
@@ -133,6 +142,7 @@ def test_two_runs_give_identical_bytes(tiny_model):
     images = torch.rand(2, 3, 40, 24, generator=torch.Generator().manual_seed(2))
     first = tiny_model.predict(images, "depth-test-notext", processing_resolution=64, return_latents=True)
     second = tiny_model.predict(images, "depth-test-notext", processing_resolution=64, return_latents=True)
+    # Exact by construction: the same call on the same inputs in one process (same shapes, same threads).
     assert first.raw.numpy().tobytes() == second.raw.numpy().tobytes()
     assert first.latents.numpy().tobytes() == second.latents.numpy().tobytes()
 
@@ -167,6 +177,7 @@ def test_several_tasks_from_one_encode_equal_separate_calls(tiny_model):
         tiny_model.encode = encode
     assert len(calls) == 1
     alone = tiny_model.predict(images, "normal-test-notext", processing_resolution=0)
+    # Sequential tasks run each adapter on the same latents and batch as a call alone: the same operations.
     torch.testing.assert_close(both["normal-test-notext"].raw, alone.raw, atol=1e-6, rtol=0)
     assert set(both) == {"depth-test-notext", "normal-test-notext"}
 
@@ -175,11 +186,12 @@ def test_batch_size_does_not_change_results(tiny_model):
     images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     whole = tiny_model.predict(images, "depth-test-notext", processing_resolution=0, batch_size=3)
     chunked = tiny_model.predict(images, "depth-test-notext", processing_resolution=0, batch_size=1)
-    torch.testing.assert_close(whole.raw, chunked.raw, atol=1e-4, rtol=0)
+    # Other batch shapes sum in other orders: fp32 rounding, ~2e-6 of the depth (decoded metres, up to ~8).
+    torch.testing.assert_close(whole.raw, chunked.raw, atol=1e-4 * float(whole.raw.abs().max()), rtol=0)
 
 
 def test_progress_counts_every_step_and_an_interrupt_leaves_the_model_usable(tiny_model):
-    images = torch.rand(3, 3, 16, 16)
+    images = random_images(3, 3, 16, 16)
     seen = []
     tiny_model.predict_tasks(images, ["depth-test-notext", "normal-test-notext"], processing_resolution=0,
                              batch_size=2, steps=3, callback=lambda done, total: seen.append((done, total)))
@@ -209,17 +221,17 @@ def test_inputs_of_every_common_kind_are_converted(tiny_model):
 
 
 def test_a_one_pixel_image_is_predicted_at_its_size(tiny_model):
-    result = tiny_model.predict(torch.rand(1, 3, 1, 1), "depth-test-notext", processing_resolution=0)
+    result = tiny_model.predict(random_images(1, 3, 1, 1), "depth-test-notext", processing_resolution=0)
     assert result.raw.shape == (1, 1, 1) and torch.isfinite(result.raw).all()
 
 
 @pytest.mark.parametrize("images, message", [
-    (torch.rand(0, 3, 16, 16), "empty batch"),
+    (random_images(0, 3, 16, 16), "empty batch"),
     ([], "empty batch"),
     (torch.full((1, 3, 16, 16), float("nan")), "NaN or infinite"),
-    (torch.rand(1, 3, 16, 16).index_fill_(2, torch.tensor([3]), float("inf")), "NaN or infinite"),
-    ([torch.rand(3, 16, 16), torch.rand(3, 16, 24)], "different sizes"),
-    (torch.rand(1, 5, 16, 16), "must be"),
+    (random_images(1, 3, 16, 16).index_fill_(2, torch.tensor([3]), float("inf")), "NaN or infinite"),
+    ([random_images(3, 16, 16), random_images(3, 16, 24)], "different sizes"),
+    (random_images(1, 5, 16, 16), "must be"),
 ])
 def test_bad_images_are_refused_before_any_work(tiny_model, images, message):
     with pytest.raises(ValueError, match=message):
@@ -238,17 +250,18 @@ def test_bad_images_are_refused_before_any_work(tiny_model, images, message):
 ])
 def test_bad_settings_are_refused(tiny_model, settings, error, message):
     with pytest.raises(error, match=message):
-        tiny_model.predict(torch.rand(1, 3, 16, 16), "depth-test-notext", **settings)
+        tiny_model.predict(random_images(1, 3, 16, 16), "depth-test-notext", **settings)
 
 
 def test_prompt_embeddings_of_the_wrong_width_are_refused(tiny_model):
     with pytest.raises(ValueError, match="do not fit this model"):
-        tiny_model.predict(torch.rand(1, 3, 16, 16), "depth-test-notext", prompt_embeds=torch.zeros(1, 77, 768))
+        tiny_model.predict(random_images(1, 3, 16, 16), "depth-test-notext", prompt_embeds=torch.zeros(1, 77, 768))
 
 
 def test_options_object_and_keyword_settings_agree(tiny_model):
     images = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(6))
     options = PredictOptions(steps=2, sampler="oracle", processing_resolution=0)
+    # Exact by construction: the same settings reach the same code with the same inputs.
     torch.testing.assert_close(tiny_model.predict(images, "depth-test-notext", options).raw,
                                tiny_model.predict(images, "depth-test-notext", steps=2, sampler="oracle",
                                                   processing_resolution=0).raw, atol=0, rtol=0)
@@ -263,8 +276,8 @@ def test_batched_tasks_equal_sequential_tasks(tiny_model):
     batched = tiny_model.predict_tasks(images, names, processing_resolution=0, return_latents=True,
                                        task_batching="batched", callback=lambda d, t: seen.append(t))
     assert seen == [5] * 5  # one sampler run serves both tasks
-    for name in names:
-        torch.testing.assert_close(batched[name].latents, sequential[name].latents, atol=1e-5, rtol=0)
+    for name in names:  # per-row unmerged adapters against merged weights: fp32 rounding, ~4e-7 of latents ~1
+        torch.testing.assert_close(batched[name].latents, sequential[name].latents, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(batched[names[0]].latents, batched[names[1]].latents)
 
 
@@ -280,13 +293,14 @@ def test_a_prompt_reaches_prompted_adapters_only(tiny_model, tmp_path):
         mixed = tiny_model.predict_tasks(images, names, processing_resolution=0, return_latents=True,
                                          prompt="a room", task_batching=mode)
         plain = tiny_model.predict(images, names[0], processing_resolution=0, return_latents=True)
-        torch.testing.assert_close(mixed[names[0]].latents, plain.latents, atol=1e-5, rtol=0)
+        # Batched: other batch rows and per-row adapters, so fp32 rounding (latents ~1); sequential: exact.
+        torch.testing.assert_close(mixed[names[0]].latents, plain.latents, atol=1e-5, rtol=1e-5)
         unprompted = tiny_model.predict(images, names[1], processing_resolution=0, return_latents=True)
         assert not torch.allclose(mixed[names[1]].latents, unprompted.latents, atol=1e-4)
 
 
 def test_prompt_counts_are_checked_against_the_whole_batch_before_any_work(tiny_model):
-    images = torch.rand(8, 3, 16, 16)
+    images = random_images(8, 3, 16, 16)
     calls = []
     encode = tiny_model.encode
     tiny_model.encode = lambda pixels: calls.append(1) or encode(pixels)

@@ -35,8 +35,9 @@ if leak:  # a deliberate copy of the whole input, to show that the measure sees 
     prediction.to_image_batch = lambda images: imageproc.to_image_batch(images).clone()
 backend, adapters = StandInBackend(), {{"depth": STAND_IN_DEPTH}}
 options = STAND_IN_OPTIONS.updated(batch_size=4, visual_range="batch")
-prediction.predict_images(backend, torch.rand(8, 3, 64, 64), adapters, options)  # warm up
-images = torch.rand(frames, 3, 64, 64)
+generator = torch.Generator().manual_seed(0)
+prediction.predict_images(backend, torch.rand(8, 3, 64, 64, generator=generator), adapters, options)  # warm up
+images = torch.rand(frames, 3, 64, 64, generator=generator)
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak
 before = kib("VmRSS")

@@ -100,7 +100,8 @@ def test_a_corrupt_prior_is_rebuilt_and_replaced(cached, tmp_path):
     assert info["cached"] is False and "corrupt" in info["rebuilt_because"]
     assert priors.check_cached_prior(slot, TINY) is None  # the slot now holds an intact prior
     assert not [p.name for p in cache.iterdir() if p.name.startswith(".")]  # no staging or aside folder left
-    # Rebuilt from the same settings and seeds: the same weights as the first build, bit for bit.
+    # Rebuilt from the same settings and seeds: the same weights as the first build, bit for bit (exact by
+    # construction: the same operations in the same order, in this process, on threads pinned to TINY's 1).
     first = priors.read_prior_metadata(priors.cache_folder(cached, TINY))["files"]
     assert priors.read_prior_metadata(slot)["files"] == first
 

@@ -40,7 +40,7 @@ def test_alignment_removes_injected_scale_jitter():
     assert float(raw.diff().abs().mean()) > 0.08
     assert float(out.diff().abs().mean()) < 0.005
     assert float((out - out[0]).abs().max()) < 0.03  # no drift: every frame at the first frame's scale
-    assert torch.equal(aligned[0], prediction[0])  # the first frame sets the scale
+    assert torch.equal(aligned[0], prediction[0])  # the first frame sets the scale (returned as is: exact)
     assert float(out[0]) == pytest.approx(-float(scales[0].log()), abs=0.01)  # truth ~ prediction / scale
 
 
@@ -50,7 +50,7 @@ def test_strength_blends_between_the_prediction_and_the_full_fit():
     full = TemporalAligner(strength=1.0)(prediction[:2])[1]
     half = TemporalAligner(strength=0.5)(prediction[:2])[1]
     torch.testing.assert_close(half, 0.5 * prediction[1] + 0.5 * full, rtol=1e-5, atol=1e-5)
-    assert torch.equal(TemporalAligner(strength=0.0)(prediction), prediction)
+    assert torch.equal(TemporalAligner(strength=0.0)(prediction), prediction)  # no fit at all: frames untouched
 
 
 def test_chunks_continue_one_clip_and_reset_starts_a_new_one():
@@ -58,6 +58,7 @@ def test_chunks_continue_one_clip_and_reset_starts_a_new_one():
     whole = TemporalAligner()(prediction)
     aligner = TemporalAligner()
     chunked = torch.cat([aligner(prediction[:5]), aligner(prediction[5:9]), aligner(prediction[9:])])
+    # Exact by construction: frames are aligned one at a time, by the same operations however they are chunked.
     torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
     aligner.reset()
     assert torch.equal(aligner(prediction[3:5])[0], prediction[3])
@@ -70,6 +71,7 @@ def test_replaying_written_frames_restores_the_reference():
     resumed = TemporalAligner()
     for frame in whole[:6]:
         resumed.observe(frame)
+    # Exact by construction: observe is the reference update an uninterrupted run made on the same frames.
     torch.testing.assert_close(resumed(prediction[6:]), whole[6:], rtol=0, atol=0)
 
 
@@ -133,8 +135,10 @@ def test_predict_images_aligns_depth_frames_in_order_and_leaves_normals_alone():
     options = STAND_IN_OPTIONS.updated(batch_size=3)
     plain = predict_images(StandInBackend(), images, adapters, options)
     aligned = predict_images(StandInBackend(), images, adapters, options.updated(temporal_alignment=1.0))
+    # Exact by construction here and below: the stand-in's per-image arithmetic (8 x 8 block means, an
+    # identity network) does not depend on the batch, and the aligner goes frame by frame.
     torch.testing.assert_close(aligned["depth"].raw, TemporalAligner()(plain["depth"].raw), rtol=0, atol=0)
-    assert not torch.equal(aligned["depth"].raw, plain["depth"].raw)
+    assert not torch.equal(aligned["depth"].raw, plain["depth"].raw)  # scales jitter by ~5 %
     assert torch.equal(aligned["normal"].raw, plain["normal"].raw)
     # A clip in several calls with one state dict: the same as one call.
     state: dict = {}
@@ -148,6 +152,8 @@ def test_batch_visual_range_gives_every_frame_one_colour_scale():
     near[:, :, 8:] = 3.0
     frames = grey_frames(torch.cat([near, near * 2]))  # the second frame twice as far
     options = STAND_IN_OPTIONS.updated(batch_size=1)
+    # Exact values throughout: depths 2, 3, 4 and 6 m (and their eighths) are binary fractions, so per-image
+    # ranges map both frames onto the same 0 and 1, and the batch range's ends onto the same colours.
     per_image = predict_images(StandInBackend(), frames, {"d": STAND_IN_DEPTH}, options)["d"].visual
     batch = predict_images(StandInBackend(), frames, {"d": STAND_IN_DEPTH},
                            options.updated(visual_range="batch"))["d"].visual
@@ -161,6 +167,7 @@ def test_batch_visual_of_a_clip_coloured_in_chunks_equals_one_call():
     options = STAND_IN_OPTIONS.updated(batch_size=3, visual_range="batch")
     chunked = predict_images(StandInBackend(), grey_frames(depth), {"d": STAND_IN_DEPTH}, options)["d"]
     whole = get_codec("depth").visualize(chunked.raw, range_mode="batch")
+    # Exact by construction: one colour range over the clip, then element-wise maps, however it is chunked.
     torch.testing.assert_close(chunked.visual, whole, rtol=0, atol=0)
     flat = predict_images(StandInBackend(), torch.full((5, 3, 16, 16), 0.25), {"d": STAND_IN_DEPTH}, options)["d"]
     assert torch.equal(flat.visual, get_codec("depth").visualize(flat.raw, range_mode="batch"))  # no range at all

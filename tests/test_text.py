@@ -68,13 +68,15 @@ def test_empty_embedding_is_the_text_encoder_output_computed_once_and_the_encode
     with torch.no_grad():
         expected = encoder(torch.tensor([SD_EMPTY_IDS]))[0]
     assert first.shape == (1, 77, 32)
+    # Exact by construction: the same encoder on the same ids of the same shape runs the same operations.
     torch.testing.assert_close(first, expected, atol=0, rtol=0)
     assert text.text_encoder is None  # released: a -notext adapter never needs it again
-    torch.testing.assert_close(text.empty_embedding(), first, atol=0, rtol=0)
+    torch.testing.assert_close(text.empty_embedding(), first, atol=0, rtol=0)  # the cached tensor itself
     assert loader.calls == 1
 
 
 def test_without_tokenizer_the_fixed_ids_give_the_same_embedding(encoder, tokenizer):
+    # Exact: the same ids either way, so the same encoder call.
     torch.testing.assert_close(conditioner(Loader(encoder)).empty_embedding(),
                                conditioner(Loader(encoder), tokenizer).empty_embedding(), atol=0, rtol=0)
 
@@ -85,7 +87,7 @@ def test_a_prompt_loads_the_encoder_and_keeps_it(encoder, tokenizer):
     prompts = ["a bedroom", "a kitchen with a window"]
     embeddings = text.encode(prompts)
     ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
+    with torch.no_grad():  # exact: the same encoder call on the same [2, 77] ids
         torch.testing.assert_close(embeddings, encoder(ids)[0], atol=0, rtol=0)
     assert text.text_encoder is encoder
     text.empty_embedding()  # the encoder was in use before: keep it
@@ -110,7 +112,7 @@ def test_cache_file_serves_later_runs_without_any_text_encoder(encoder, tokenize
     assert cache.is_file() and not list(cache.parent.glob(".*tmp*"))
     refusing = Loader(fail=True)
     cached = conditioner(refusing, cache_file=cache).empty_embedding()
-    torch.testing.assert_close(cached, computed, atol=0, rtol=0)
+    torch.testing.assert_close(cached, computed, atol=0, rtol=0)  # exact: read back from the file written
     assert refusing.calls == 0
 
 
@@ -158,7 +160,7 @@ def test_dmp_model_uses_the_cache_dir_between_instances(tiny_base, tmp_path, mon
     assert len(list(tmp_path.glob("empty_prompt_*.safetensors"))) == 1
     second = DMPModel.from_pretrained(tiny_base, device="cpu", precision="fp32", cache_dir=tmp_path)
     monkeypatch.setattr(second.text, "_load_text_encoder", Loader(fail=True))
-    torch.testing.assert_close(second.text.empty_embedding(), embedding, atol=0, rtol=0)
+    torch.testing.assert_close(second.text.empty_embedding(), embedding, atol=0, rtol=0)  # read from the cache
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +205,7 @@ def test_a_tokenizer_folder_makes_prompts_work_with_a_single_file(single_file_ba
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     ours = model.predict(image, processing_resolution=0, prompt="a bedroom", return_latents=True)
     theirs = reference.predict(image, processing_resolution=0, prompt="a bedroom", return_latents=True)
+    # Equal weights read from other files (other addresses): at most rounding differences, ~1e-7 of latents ~1.
     torch.testing.assert_close(ours.latents, theirs.latents, atol=1e-5, rtol=0)
     plain = reference.predict(image, processing_resolution=0, return_latents=True)
     assert not torch.allclose(plain.latents, theirs.latents, atol=1e-4)  # the prompt did change the result

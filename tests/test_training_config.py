@@ -109,13 +109,14 @@ def test_depth_metrics_and_the_best_constant():
     result = metrics.compute()
     assert result["abs_rel"] == pytest.approx((0.1 + 0 + 0.5) / 3)
     assert result["delta1"] == pytest.approx(2 / 3)
-    depth = torch.rand(1000) * 6 + 1
+    generator = torch.Generator().manual_seed(0)
+    depth = torch.rand(1000, generator=generator) * 6 + 1
     c, abs_rel = constant_depth_abs_rel(depth)
-    grid = torch.linspace(1, 7, 2001)
-    brute = ((grid[:, None] - depth[None]).abs() / depth[None]).mean(1)
+    grid = torch.linspace(1, 7, 2001, dtype=torch.float64)  # float64 as the metric: rounding ~1e-16, not 1e-7
+    brute = ((grid[:, None] - depth.double()[None]).abs() / depth.double()[None]).mean(1)
     assert abs_rel <= brute.min().item() + 1e-6  # no constant does better
-    assert c == best_constant_depth(depth)
-    maps = torch.rand(20, 2, 3) * 5 + 1
+    assert c == best_constant_depth(depth)  # the same function on the same values: exact
+    maps = torch.rand(20, 2, 3, generator=generator) * 5 + 1
     layout = best_constant_depth_map(maps)  # the same minimiser, per pixel
     for i, j in [(i, j) for i in range(2) for j in range(3)]:
         assert layout[i, j] == pytest.approx(best_constant_depth(maps[:, i, j]))
@@ -131,17 +132,19 @@ def test_other_metrics():
     assert seg.compute()["miou"] == pytest.approx((1 / 2 + 2 / 3) / 2)
     shading = TaskMetrics("shading")
     shading.update(torch.tensor([[0.0, 1.0]]), torch.tensor([[2.0, 4.0]]))  # truth min-max normalised
-    assert shading.compute()["mse"] == pytest.approx(0.0)
+    assert shading.compute()["mse"] == pytest.approx(0.0)  # exact: (2 - 2) / 2 = 0 and (4 - 2) / 2 = 1
     assert math.isnan(TaskMetrics("albedo").compute()["mse"])
 
 
 def test_main_metrics_and_their_direction():
     """A perfect prediction must score better than a wrong one in each metric's stated direction
     (mIoU, pixel accuracy and delta1 higher, errors lower)."""
+    generator = torch.Generator().manual_seed(1)
     truths = {"depth": torch.full((1, 4, 4), 2.0),
-              "normal": torch.nn.functional.normalize(torch.rand(1, 4, 4, 3) + 0.1, dim=-1),
+              "normal": torch.nn.functional.normalize(torch.rand(1, 4, 4, 3, generator=generator) + 0.1, dim=-1),
               "segmentation": torch.arange(16).view(1, 4, 4) % 3,
-              "albedo": torch.rand(1, 4, 4, 3), "shading": torch.rand(1, 4, 4), "rgb": torch.rand(1, 4, 4, 3)}
+              "albedo": torch.rand(1, 4, 4, 3, generator=generator),
+              "shading": torch.rand(1, 4, 4, generator=generator), "rgb": torch.rand(1, 4, 4, 3, generator=generator)}
     wrongs = {"depth": torch.full((1, 4, 4), 5.0), "normal": -truths["normal"],
               "segmentation": (truths["segmentation"] + 1) % 3, "albedo": 1 - truths["albedo"],
               "shading": 1 - truths["shading"], "rgb": 1 - truths["rgb"]}

@@ -52,6 +52,7 @@ def test_full_finetune_changes_the_unet_and_its_folder_predicts_as_validated(tin
     model.load_adapter(tmp_path / "full", name=ADAPTER_NAME)  # validate() predicts with the trainer's name
     config = full_config(tiny_base, world, tmp_path / "full")
     val = load_validation(build_datasets(config, log=False)[1], config.val_limit)
+    # Weights from files and merged again: at most rounding (~1e-7 relative; equal here), far below 1e-5.
     assert validate(model, val, config, None)["abs_rel"] == pytest.approx(result.metrics["abs_rel"], rel=1e-5)
 
 
@@ -73,6 +74,7 @@ def test_full_finetune_resumes_exactly(tiny_base, world, tmp_path):
         train(crashed, on_step=crash)
     train(crashed, resume="latest")
     a, b = (load_checkpoint(list_checkpoints(tmp_path / name)[-1]) for name in ("straight", "crashed"))
+    # Bit for bit by construction: the resumed run restores every state and repeats the same operations.
     assert a["unet"].keys() == b["unet"].keys() and len(a["unet"]) > len(a["lora"])
     for key in a["unet"]:
         assert torch.equal(a["unet"][key], b["unet"][key]), key

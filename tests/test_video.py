@@ -48,6 +48,7 @@ def test_video_round_trips_frame_count_size_and_rate(tmp_path, suffix):
     decoded = torch.cat(chunks).permute(0, 2, 3, 1)
     assert float((decoded - ramp_frames(7)).abs().mean()) < 0.03  # lossy, but the same pictures
     later = torch.cat(list(read_frames(info, start=4, chunk=2)))
+    # Exact: video decoding is integer arithmetic specified bit for bit, and the same pixels convert alike.
     torch.testing.assert_close(later, torch.cat(chunks)[4:], rtol=0, atol=0)
 
 
@@ -126,7 +127,9 @@ def test_predict_a_video_writes_frames_and_a_preview_and_resumes(tiny_base, clip
     assert code == 0 and summaries == [(1, 1, 1, 0, 0)]
     assert (out / DEPTH / "walk" / f"{frames[3]}.npy").stat().st_mtime_ns == kept
     resumed = np.stack([np.load(out / DEPTH / "walk" / f"{f}.npy") for f in frames])
-    np.testing.assert_allclose(resumed, depth, rtol=0, atol=1e-4)  # only batch composition differs
+    # Only batch composition differs (frames 4-6 now run as one batch, not in [3, 4, 5] and [6]): fp32 rounding,
+    # which depends on the batch and the thread count (~3e-5 m measured, 2 threads), so 1e-4 of the depth scale.
+    np.testing.assert_allclose(resumed, depth, rtol=0, atol=1e-4 * float(np.abs(depth).max()))
     assert probe_video(out / NORMAL / "walk_visual.mp4").frames == 7
     assert predict(caplog, tiny_base, clip_adapters, [clip], out)[1] == [(1, 1, 0, 1, 0)]  # complete: skipped
     (out / DEPTH / "walk_visual.mp4").unlink()  # only a preview missing: made again, no frame recomputed
@@ -138,10 +141,20 @@ def test_predict_a_video_writes_frames_and_a_preview_and_resumes(tiny_base, clip
     # Without alignment the first frame is the same and the later depth frames are not.
     code, _, _ = predict(caplog, tiny_base, clip_adapters, [clip], tmp_path / "plain", "--temporal-alignment", "0")
     plain = np.stack([np.load(tmp_path / "plain" / DEPTH / "walk" / f"{f}.npy") for f in frames])
+    # Frame 0 ran in the same batch [0, 1, 2] both times and the first frame is never rescaled: exact.
     np.testing.assert_array_equal(plain[0], depth[0])
-    assert np.abs(plain[1:] - depth[1:]).max() > 1e-4
-    np.testing.assert_array_equal(np.load(tmp_path / "plain" / NORMAL / "walk" / f"{frames[5]}.npy"),
-                                  np.load(out / NORMAL / "walk" / f"{frames[5]}.npy"))
+    # Alignment moves later frames by millimetres to centimetres; rounding alone stays near 1e-4.
+    assert np.abs(plain[1:] - depth[1:]).max() > 1e-3
+    # Normals are never aligned. Frames 0-3 ran in the same batches at the same places both times: the same
+    # operations, exact. The resume recomputed frames 4-6 as one batch: fp32 rounding of another batch shape
+    # (~1e-4 measured; renormalising unit vectors can amplify it), so a tolerance there.
+    for index, frame in enumerate(frames):
+        plain_normal = np.load(tmp_path / "plain" / NORMAL / "walk" / f"{frame}.npy")
+        normal = np.load(out / NORMAL / "walk" / f"{frame}.npy")
+        if index < 4:
+            np.testing.assert_array_equal(plain_normal, normal)
+        else:
+            np.testing.assert_allclose(plain_normal, normal, rtol=0, atol=1e-3)
 
 
 def test_a_truncated_video_fails_by_name_and_the_rest_is_written(tiny_base, clip_adapters, tmp_path, caplog):

@@ -67,6 +67,7 @@ def test_training_on_the_world_beats_the_untrained_adapter(tmp_path):
 
     trained = train(config).metrics["abs_rel"]
     _, constant = constant_depth_abs_rel(val.raws)
+    # Measured 0.50x (1 thread) and 0.505x (2 threads): rounding moves these by ~1-2 %, the bar is 20 % away.
     assert trained < 0.6 * untrained, (trained, untrained)
     assert trained < constant, (trained, constant)
     assert torch.isfinite(torch.tensor(trained))
@@ -87,7 +88,7 @@ def test_the_priors_label_maps_are_the_trainers_targets(tmp_path):
         suffix = ".npy" if task == "depth" else ".png"
         expected = torch.stack([encode_target(read_target(folder / task / f"{n}{suffix}", task, config), config)
                                 for n in names])
-        torch.testing.assert_close(pixels, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(pixels, expected, rtol=0, atol=1e-6)  # [-1, 1]: a few float32 ulps
     metres = torch.stack([torch.from_numpy(np.load(folder / "depth" / f"{n}.npy")) for n in names])
     assert metres.max() > 4.0 and depths.max() == 1.0  # clamped at the target scale, as in training
 
@@ -131,6 +132,7 @@ def test_the_demo_evaluates_with_the_callers_settings(tiny_base, tmp_path):
         return tile[:, SHEET_LABEL_WIDTH + c * size:SHEET_LABEL_WIDTH + (c + 1) * size][::SHEET_ZOOM, ::SHEET_ZOOM]
 
     truth = np.load(out / "world" / "val" / "depth" / f"{names['val'][0]}.npy")
+    # 8-bit pixels: within half a step of the value when rounded, one step allowed.
     np.testing.assert_allclose(column(2)[..., 0], np.clip(1 - truth / 4.0, 0, 1), atol=1 / 255)
     with Image.open(out / "world" / "val" / "normal" / f"{names['val'][0]}.png") as image:
         world_rgb = torch.from_numpy(np.asarray(image).astype(np.float32) / 255)

@@ -40,20 +40,22 @@ def test_png16_millimeters_round_trip(tmp_path):
     back, info = read_depth_png16(path)
     assert back.dtype == np.float32 and back.shape == depth.shape
     assert info == {"encoding": "millimeters", "scale": 0.001}
-    assert np.abs(back - depth).max() <= 0.0005 + 1e-6
+    # Half a millimetre of rounding, plus the float32 result's own rounding (under one float32 ulp at 60 m).
+    assert np.abs(back - depth).max() <= 0.0005 + np.spacing(np.float32(60.0))
 
 
 def test_png16_millimeters_saturates_at_65_535_m(tmp_path):
     depth = np.array([[-1.0, 0.0, 65.535, 70.0]])
     back, _ = read_depth_png16(write_depth_png16(tmp_path / "d.png", depth))
-    np.testing.assert_allclose(back, [[0.0, 0.0, 65.535, 65.535]], atol=1e-6)
+    # float32 metres: 65535 mm is 65.535 within one float32 ulp (7.6e-6), not within 1e-6.
+    np.testing.assert_allclose(back, [[0.0, 0.0, 65.535, 65.535]], atol=np.spacing(np.float32(65.535)), rtol=0)
 
 
 def test_png16_normalized_round_trip(tmp_path):
     depth = _depth(seed=1) + 2.0
     back, info = read_depth_png16(write_depth_png16(tmp_path / "n.png", depth, "normalized"))
     assert info["encoding"] == "normalized"
-    assert back.min() == 0 and back.max() == 1
+    assert back.min() == 0 and back.max() == 1  # exact: (min - min) / span = 0 and span / span = 1
     assert info["min_m"] == depth.min() and info["max_m"] == depth.max()
     metres = info["min_m"] + back * (info["max_m"] - info["min_m"])
     assert np.abs(metres - depth).max() <= (depth.max() - depth.min()) / 65535
@@ -124,6 +126,7 @@ def test_png8_round_trip(tmp_path):
     with Image.open(write_png8(tmp_path / "v.png", image)) as saved:
         assert saved.mode == "RGB"
         pixels = np.asarray(saved)
+    # Exact by construction: the writer's own float64 formula (clip, x 255, round half to even) on the same values.
     assert np.array_equal(pixels, np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
     with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
         write_png8(tmp_path / "v.png", np.zeros((5, 6, 4)))
