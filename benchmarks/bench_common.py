@@ -31,10 +31,10 @@ for _path in (ROOT, ROOT / "tests"):
         sys.path.insert(0, str(_path))
 
 from dmp_model import DMPModel  # noqa: E402
-from dmp_model.loading import SD1_CONFIG_DIR, BaseComponents  # noqa: E402
 from dmp_model.sampling import get_timesteps  # noqa: E402
-from dmp_model.tasks import DEPTH_TARGET_SCALE  # noqa: E402
-from dmp_model.tiny import tiny_unet_config, tiny_vae_config  # noqa: E402
+from dmp_model.sd.loading import SD1_CONFIG_DIR, BaseComponents  # noqa: E402
+from dmp_model.sd.tiny import tiny_unet_config, tiny_vae_config  # noqa: E402
+from dmp_model.tasks.codecs import DEPTH_TARGET_SCALE  # noqa: E402
 from factories import official_state_dict, random_lora  # noqa: E402
 
 ADAPTER = "depth-bench-notext"
@@ -94,7 +94,7 @@ def build(shape: str, device: str, dtype: torch.dtype, workdir: Path, seed: int 
     from diffusers import AutoencoderKL, DDIMScheduler, MarigoldDepthPipeline, UNet2DConditionModel
     from diffusers.utils import logging as diffusers_logging
 
-    from dmp_model.adapters import attach_adapter, to_peft_state_dict
+    from dmp_model.sd.lora import attach_adapter, to_peft_state_dict
 
     diffusers_logging.set_verbosity_error()  # casting random models is intended: no warnings about it
     unet_config, vae_config, scheduler_config = sd1_configs(shape)

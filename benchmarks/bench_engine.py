@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from dmp_model import DMPModel
-from dmp_model.loading import SD1_CONFIG_DIR, BaseComponents
-from dmp_model.tiny import build_tiny_components
+from dmp_model.sd.loading import SD1_CONFIG_DIR, BaseComponents
+from dmp_model.sd.tiny import build_tiny_components
 from factories import write_official_adapter
 
 

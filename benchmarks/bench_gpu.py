@@ -108,7 +108,7 @@ def unet_calls(models, size: int, repeats: int, device: torch.device) -> dict:
 
 def preview_seconds(size: int, batches: list[int]) -> dict[str, float]:
     """CPU seconds of the depth preview ``predict`` computes from its result (the bare loop has none)."""
-    from dmp_model.tasks import get_codec
+    from dmp_model.tasks.codecs import get_codec
 
     codec = get_codec("depth")
     return {str(b): timed(lambda b=b: codec.visualize(torch.rand(b, size, size) * 8), torch.device("cpu"))

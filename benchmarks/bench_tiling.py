@@ -48,7 +48,7 @@ def child(shape: str, mode: str, args: argparse.Namespace) -> dict:
 
     sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests")]
     from bench_engine import build_model
-    from dmp_model.prediction import PredictOptions, tile_layout_for
+    from dmp_model.prediction.predict import PredictOptions, tile_layout_for
 
     with tempfile.TemporaryDirectory() as workdir:
         model = build_model(shape, Path(workdir))

@@ -2,8 +2,8 @@
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_training.py [--shapes tiny sd1] [--steps 3] [--threads 2]
 
-Shapes: "tiny" is dmp_model.tiny's SD-shaped model at 64 px, batch 8; "sd1" is the real SD 1.x
-UNet and VAE (configs from dmp_model/configs/sd1, random weights: nothing is downloaded) at
+Shapes: "tiny" is dmp_model.sd.tiny's SD-shaped model at 64 px, batch 8; "sd1" is the real SD 1.x
+UNet and VAE (configs from dmp_model/sd/configs/sd1, random weights: nothing is downloaded) at
 256 px, batch 1. Both variants adapt the same layers (rank 4 on to_q/k/v/out of all 16 blocks)
 with AdamW and gradient clipping:
 
@@ -38,14 +38,14 @@ def build(shape: str):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from dmp_model.sampling import schedule_from_config
-    from dmp_model.tiny import SCHEDULER_CONFIG_PATH, build_tiny_components
+    from dmp_model.sd.tiny import SCHEDULER_CONFIG_PATH, build_tiny_components
 
     torch.manual_seed(0)
     if shape == "tiny":
         unet, vae, _ = build_tiny_components(0)
         width = 32
     else:
-        configs = ROOT / "dmp_model" / "configs" / "sd1"
+        configs = ROOT / "dmp_model" / "sd" / "configs" / "sd1"
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae"))
         width = 768

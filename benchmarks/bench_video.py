@@ -48,8 +48,8 @@ import torch
 torch.set_num_threads(1)
 from factories import write_official_adapter
 from dmp_model import DMPModel
-from dmp_model.prediction import PredictOptions
-from dmp_model.tiny import save_tiny_sd
+from dmp_model.prediction.predict import PredictOptions
+from dmp_model.sd.tiny import save_tiny_sd
 
 def kib(key):
     for line in open("/proc/self/status"):
@@ -97,7 +97,7 @@ def bench_memory(engines: dict[str, Path], repeats: int, steps: int) -> None:
 CLI_CHILD = r"""
 import sys
 sys.path[:0] = [{root!r}]
-from dmp_model.cli import main
+from dmp_model.cli.main import main
 code = main(sys.argv[1:])
 for line in open("/proc/self/status"):
     if line.startswith("VmHWM"):
@@ -106,8 +106,8 @@ for line in open("/proc/self/status"):
 
 
 def bench_cli(repeats: int, steps: int) -> None:
-    from dmp_model.tiny import build_tiny_components, save_tiny_sd
-    from dmp_model.video import write_video
+    from dmp_model.io.video import write_video
+    from dmp_model.sd.tiny import build_tiny_components, save_tiny_sd
     from factories import write_official_adapter
 
     peaks: dict[int, list[float]] = {}
@@ -159,15 +159,15 @@ def stand_in(truth: torch.Tensor, seed: int) -> torch.Tensor:
 
 def scale_measures(depth: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
     """(mean |log-scale change| between consecutive frames, |last - first log-scale|) against the truth."""
-    from dmp_model.alignment import fit_scale
+    from dmp_model.prediction.alignment import fit_scale
 
     log_scale = fit_scale(depth, truth).log()
     return float(log_scale.diff().abs().mean()), float((log_scale[-1] - log_scale[0]).abs())
 
 
 def bench_alignment(scenes: int, frames: int) -> None:
-    from dmp_model import temporal
-    from dmp_model.controlnet import depth_to_control
+    from dmp_model.prediction import temporal
+    from dmp_model.tasks.controlnet import depth_to_control
 
     settings = {"off": None, "strength 0.5": dict(strength=0.5), "strength 1": dict(strength=1.0),
                 "1, all pixels": dict(strength=1.0, flat=1.0), "1, scale_shift": dict(strength=1.0, fit="scale_shift")}

@@ -4,10 +4,10 @@ This package knows nothing of ComfyUI; the node pack and the trainer are thin la
 """
 
 from .adapters import AdapterInfo
-from .pipeline import DMPModel
-from .prediction import Prediction, PredictOptions, predict_images
+from .prediction.predict import Prediction, PredictOptions, predict_images
 from .sampling import PREDICTION_TYPES, SAMPLERS, SPACINGS, get_timesteps, sample_dmp
-from .tasks import TASKS, get_codec
+from .sd.model import DMPModel
+from .tasks.codecs import TASKS, get_codec
 
 __all__ = [
     "AdapterInfo",

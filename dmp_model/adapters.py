@@ -1,11 +1,9 @@
-"""Task adapters: reading LoRA files of every common layout, their metadata, and attaching them.
+"""Task adapters: what an adapter is (``AdapterInfo``) and its files in every common layout.
 
 DMP publishes one rank-4 LoRA per task in the old diffusers attention-processor layout
 (``...attn1.processor.to_q_lora.down.weight``). We also read peft/diffusers LoRA files and
-kohya-style ones. Whatever the layout, the weights are converted to peft keys with diffusers'
-own converters, any alpha/rank scale is folded into the up-projection (so every adapter is
-simply W + up @ down), checked against the UNet's layer shapes, and attached as a named peft
-adapter with ``unet.load_lora_adapter(..., prefix=None)``.
+kohya-style ones. This module reads and writes them and resolves an adapter's facts without any
+model library; attaching one to a diffusers UNet through peft is ``sd/lora.py``.
 """
 
 from __future__ import annotations
@@ -14,18 +12,17 @@ import json
 import logging
 import os
 import re
-import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
-from .normals import NORMAL_CONVENTIONS
+from .io.weight_files import read_state_dict
 from .options import check_option
 from .sampling import PREDICTION_TYPES
-from .tasks import DEPTH_TARGET_SCALE, TASKS
-from .weight_files import read_state_dict
+from .tasks.codecs import DEPTH_TARGET_SCALE, TASKS
+from .tasks.normals import NORMAL_CONVENTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +147,7 @@ def detect_adapter_format(state_dict: Mapping[str, torch.Tensor]) -> str:
     )
 
 
-def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the wrappers peft and diffusers put in front of UNet module names."""
     out = {}
     for key, value in state_dict.items():
@@ -158,79 +155,6 @@ def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
             key = key.removeprefix(prefix)
         out[key] = value
     return out
-
-
-def to_peft_state_dict(state_dict: Mapping[str, torch.Tensor], unet_config, lora_alpha: float | None = None
-                       ) -> dict[str, torch.Tensor]:
-    """Convert any supported layout to peft keys ('{module}.lora_A.weight'), scale folded into lora_B.
-
-    Args:
-        state_dict: the adapter file's tensors.
-        unet_config: the target UNet's config (kohya files may use the original LDM block names).
-        lora_alpha: alpha of a peft adapter whose config records one (scale alpha / rank).
-
-    Returns:
-        peft-layout tensors whose update is exactly lora_B @ lora_A.
-    """
-    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
-    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-
-    fmt = detect_adapter_format(state_dict)
-    alphas: dict[str, float] = {}
-    if fmt == "kohya":
-        if any(k.startswith("lora_te") for k in state_dict):
-            raise ValueError("this LoRA also adapts the text encoder; DMP adapters adapt the UNet only")
-        converted, network_alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(
-            dict(state_dict), unet_config=unet_config)
-        state_dict = converted
-        alphas = {k.removesuffix(".alpha"): float(v) for k, v in (network_alphas or {}).items()}
-    tensors = convert_unet_state_dict_to_peft(_strip_prefixes(state_dict))
-    alphas = {convert_unet_state_dict_to_peft({k: None}).popitem()[0]: v
-              for k, v in _strip_prefixes(alphas).items()}
-    unsupported = [k for k in tensors if not re.search(r"\.lora_[AB]\.weight$", k)]
-    if unsupported:
-        raise ValueError(f"unsupported LoRA tensors (DoRA, biases or other adapter types): {unsupported[:3]}")
-    for key in [k for k in tensors if k.endswith(".lora_B.weight")]:
-        down_key = key.replace(".lora_B.", ".lora_A.")
-        rank = tensors[key].shape[1]
-        alpha = alphas.get(down_key, lora_alpha)
-        if alpha is not None and alpha != rank:
-            tensors[key] = tensors[key] * (alpha / rank)
-    return tensors
-
-
-def check_adapter_fits(tensors: Mapping[str, torch.Tensor], unet: torch.nn.Module) -> list[str]:
-    """The UNet modules an adapter patches; raises if any layer is missing or of the wrong shape."""
-    modules = dict(unet.named_modules())
-    targets = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
-    problems = []
-    for name in targets:
-        down, up = tensors.get(f"{name}.lora_A.weight"), tensors.get(f"{name}.lora_B.weight")
-        module = modules.get(name)
-        module = getattr(module, "base_layer", module)  # layers already carrying another adapter
-        if down is None or up is None:
-            problems.append(f"{name}: has only one of lora_A/lora_B")
-        elif module is None:
-            problems.append(f"{name}: no such layer in this UNet")
-        elif not isinstance(module, torch.nn.Linear):
-            problems.append(f"{name}: is a {type(module).__name__}, only Linear layers are supported")
-        elif (down.shape[1], up.shape[0]) != (module.in_features, module.out_features):
-            problems.append(f"{name}: adapter maps {down.shape[1]}->{up.shape[0]} features, "
-                            f"the layer {module.in_features}->{module.out_features}")
-    if problems:
-        fitting = len(targets) - len(problems)
-        raise ValueError(
-            f"adapter does not fit this UNet ({fitting} of {len(targets)} layers fit; e.g. {problems[:3]}). "
-            "It was probably made for another base model (SD 2.x, SDXL, ...): DMP adapters need SD 1.x."
-        )
-    return targets
-
-
-def count_adapter_layers(unet: torch.nn.Module, adapter_name: str) -> int:
-    """How many layers carry LoRA weights for `adapter_name`."""
-    from peft.tuners.lora import LoraLayer
-
-    return sum(1 for m in unet.modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A)
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
@@ -300,7 +224,7 @@ def portable_lora_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapp
         return dict(tensors)
     alpha = peft_alpha(metadata)
     out = {}
-    for key, value in _strip_prefixes(tensors).items():
+    for key, value in strip_prefixes(tensors).items():
         match = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight", key)
         if match is None:
             raise ValueError(f"unsupported LoRA tensor {key!r} (DoRA, biases or other adapter types)")
@@ -321,32 +245,6 @@ def offered_as_adapter(relative_path: str) -> bool:
     """
     name = relative_path.replace("\\", "/").rsplit("/", 1)[-1]
     return name.lower().endswith(".safetensors") or name in ADAPTER_FILE_NAMES
-
-
-def attach_adapter(unet, tensors: Mapping[str, torch.Tensor], adapter_name: str) -> int:
-    """Attach peft-layout LoRA tensors to `unet` as adapter `adapter_name`; returns layers patched.
-
-    Every layer gets the same rank and alpha = rank (scale 1): the file's scale is already folded
-    into lora_B, and diffusers infers exactly that config from equal-rank tensors.
-    """
-    targets = check_adapter_fits(tensors, unet)
-    ranks = {tensors[f"{t}.lora_A.weight"].shape[0] for t in targets}
-    rank = max(ranks)
-    # Ranks that differ per layer: pad smaller ones with zeros, which adds nothing to the update.
-    padded = {}
-    for target in targets:
-        down, up = tensors[f"{target}.lora_A.weight"], tensors[f"{target}.lora_B.weight"]
-        r = down.shape[0]
-        padded[f"{target}.lora_A.weight"] = torch.cat([down, down.new_zeros(rank - r, down.shape[1])])
-        padded[f"{target}.lora_B.weight"] = torch.cat([up, up.new_zeros(up.shape[0], rank - r)], dim=1)
-    with warnings.catch_warnings():  # several adapters on one UNet is the point, not an accident
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        unet.load_lora_adapter(padded, prefix=None, adapter_name=adapter_name)
-    patched = count_adapter_layers(unet, adapter_name)
-    if patched != len(targets):
-        unet.delete_adapters(adapter_name)
-        raise ValueError(f"adapter {adapter_name!r}: {len(targets)} layers in the file but {patched} patched")
-    return patched
 
 
 def with_overrides(info: AdapterInfo, **overrides) -> AdapterInfo:
@@ -381,7 +279,7 @@ def save_adapter(path: str | os.PathLike, peft_state_dict: Mapping[str, torch.Te
     """
     from safetensors.torch import save_file
 
-    from .writers import atomic_path
+    from .io.writers import atomic_path
 
     tensors = {key: (t.detach().float().cpu() * (lora_scale if ".lora_B." in key else 1.0)).contiguous()
                for key, t in peft_state_dict.items()}

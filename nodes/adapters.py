@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass
 
 from ..dmp_model.adapters import AdapterInfo, adapter_name_for, portable_lora_state_dict, read_adapter, resolve_info
+from ..dmp_model.io.weight_files import CheckpointError
 from ..dmp_model.options import check_option
-from ..dmp_model.tasks import TASKS
-from ..dmp_model.weight_files import CheckpointError
+from ..dmp_model.tasks.codecs import TASKS
 from . import comfy_bridge as bridge
 from .common import CATEGORY
 

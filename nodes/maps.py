@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from ..dmp_model import colormaps, controlnet, palettes
-from ..dmp_model.colormaps import COLORMAPS, RANGE_MODES
-from ..dmp_model.controlnet import DEPTH_CONTROL_MODES
-from ..dmp_model.normals import NORMAL_CONVENTIONS
 from ..dmp_model.options import check_option
-from ..dmp_model.palettes import ADE20K_CLASSES, PALETTES
-from ..dmp_model.prediction import PredictOptions
-from ..dmp_model.tasks import get_codec
+from ..dmp_model.prediction.predict import PredictOptions
+from ..dmp_model.tasks import colormaps, controlnet, palettes
+from ..dmp_model.tasks.codecs import get_codec
+from ..dmp_model.tasks.colormaps import COLORMAPS, RANGE_MODES
+from ..dmp_model.tasks.controlnet import DEPTH_CONTROL_MODES
+from ..dmp_model.tasks.normals import NORMAL_CONVENTIONS
+from ..dmp_model.tasks.palettes import ADE20K_CLASSES, PALETTES
 from . import comfy_bridge as bridge
 from .common import MAPS_CATEGORY, PREDICTION_TOOLTIP, image_out, mask_out, require_prediction
 

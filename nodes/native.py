@@ -1,6 +1,6 @@
 """The engine's prediction path on ComfyUI's own models: a ``PredictionBackend`` over MODEL, VAE and CLIP.
 
-``dmp_model.prediction.predict_images`` does all of DMP (framing, sampler, codecs); this backend
+``dmp_model.prediction.predict.predict_images`` does all of DMP (framing, sampler, codecs); this backend
 only runs ComfyUI's networks for it: the adapter-patched UNet (called for its raw output, which is
 the adapter's parametrisation), the VAE, and the CLIP for the empty prompt and prompts.
 """
@@ -11,8 +11,8 @@ import weakref
 
 import torch
 
-from ..dmp_model.loading import sd1_scheduler_config
 from ..dmp_model.sampling import apply_guidance, schedule_from_config
+from ..dmp_model.sd.loading import sd1_scheduler_config
 from . import comfy_bridge as bridge
 from .adapters import DMPAdapters
 

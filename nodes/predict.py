@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..dmp_model.ensemble import ENSEMBLES
 from ..dmp_model.options import check_option
-from ..dmp_model.prediction import DEFAULT_GUIDANCE, PredictOptions, predict_images
+from ..dmp_model.prediction.ensemble import ENSEMBLES
+from ..dmp_model.prediction.predict import DEFAULT_GUIDANCE, PredictOptions, predict_images
 from ..dmp_model.sampling import SAMPLERS, SPACINGS
 from . import comfy_bridge as bridge
 from .adapters import TASK_CHOICES, LoadedAdapter

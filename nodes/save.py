@@ -6,9 +6,9 @@ import os
 import secrets
 from pathlib import Path
 
-from ..dmp_model import writers
-from ..dmp_model.tasks import TASKS
-from ..dmp_model.writers import DEPTH_PNG_ENCODINGS, RAW_FORMATS
+from ..dmp_model.io import writers
+from ..dmp_model.io.writers import DEPTH_PNG_ENCODINGS, RAW_FORMATS
+from ..dmp_model.tasks.codecs import TASKS
 from . import comfy_bridge as bridge
 from .common import CATEGORY, PREDICTION_TOOLTIP, require_prediction
 

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from dmp_model.adapters import AdapterInfo
-from dmp_model.prediction import PredictOptions
+from dmp_model.prediction.predict import PredictOptions
 from dmp_model.sampling import schedule_from_config
-from dmp_model.tiny import SCHEDULER_CONFIG_PATH
+from dmp_model.sd.tiny import SCHEDULER_CONFIG_PATH
 
 STAND_IN_DEPTH = AdapterInfo(task="depth", prediction_type="sample", target_scale=8.0)
 STAND_IN_NORMAL = AdapterInfo(task="normal", prediction_type="sample")

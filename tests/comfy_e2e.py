@@ -65,7 +65,7 @@ SDXL_LORA = "sdxl_detail_lora.safetensors"
 BROKEN = {"corrupt": "broken/corrupt.safetensors", "truncated": "broken/truncated.safetensors",
           "pickled": "broken/depth-pickled/pytorch_lora_weights.bin"}
 EXTRA_ADAPTER = "normal-extra-notext/pytorch_lora_weights.safetensors"
-SD1_CONFIG = ROOT / "dmp_model" / "configs" / "sd1"
+SD1_CONFIG = ROOT / "dmp_model" / "sd" / "configs" / "sd1"
 # The largest difference allowed between the node path and the library, relative to the depth range.
 PARITY_TOLERANCE = 1e-4
 
@@ -113,7 +113,7 @@ def write_example_video(path: Path, image) -> None:
     """A short clip of `image` panning a pixel per frame, for workflow 5's Load Video."""
     import numpy as np
 
-    from dmp_model.video import write_video
+    from dmp_model.io.video import write_video
 
     array = np.asarray(image, dtype=np.float32) / 255
     frames = np.stack([np.roll(array, i, axis=1) for i in range(VIDEO_FRAMES)])
@@ -332,7 +332,7 @@ def run_success(server: Server, base: Path, name: str, prompt: dict) -> tuple[st
 
 def check_saved_video(name: str, base: Path, output: dict) -> None:
     """A saved video holds as many frames as the example clip (read with PyAV)."""
-    from dmp_model.video import probe_video
+    from dmp_model.io.video import probe_video
 
     files = output.get("images", [])
     if not files:
@@ -422,7 +422,7 @@ def check_library_parity(base: Path, name: str, prompt: dict, result: dict) -> s
     import torch
 
     from dmp_model import DMPModel
-    from dmp_model.imageproc import load_image
+    from dmp_model.images import load_image
 
     (saved,) = saved_files(base, result, prompt, ".npy")
     predict = next(e["inputs"] for e in prompt.values()

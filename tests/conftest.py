@@ -25,7 +25,7 @@ from factories import write_official_adapter  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A tiny SD 1.x diffusers folder (with a character-level tokenizer)."""
-    from dmp_model.tiny import save_tiny_sd
+    from dmp_model.sd.tiny import save_tiny_sd
 
     return save_tiny_sd(tmp_path_factory.mktemp("tiny") / "base", seed=0)
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from dmp_model.adapters import AdapterInfo
-from dmp_model.prediction import PredictOptions
+from dmp_model.prediction.predict import PredictOptions
 from dmp_model.sampling import schedule_from_config
-from dmp_model.tiny import SCHEDULER_CONFIG_PATH
+from dmp_model.sd.tiny import SCHEDULER_CONFIG_PATH
 
 # One step with the "sample" parametrisation and y_hat out: the result is the model's output at z = x.
 PIXEL_OPTIONS = PredictOptions(steps=1, final_output="y_hat", processing_resolution=0)

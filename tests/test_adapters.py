@@ -15,9 +15,9 @@ from dmp_model.adapters import (
     info_to_metadata,
     read_adapter,
     save_adapter,
-    to_peft_state_dict,
 )
-from dmp_model.weight_files import CheckpointError
+from dmp_model.io.weight_files import CheckpointError
+from dmp_model.sd.lora import to_peft_state_dict
 from factories import attention_layers, merged_unet, official_state_dict, random_lora, write_official_adapter
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dmp_model.alignment import apply_scale_shift, fit_scale, fit_scale_shift
+from dmp_model.prediction.alignment import apply_scale_shift, fit_scale, fit_scale_shift
 
 
 def _pair(seed: int = 0):

@@ -44,10 +44,14 @@ def parse(path: Path) -> ast.AST:
 
 def test_sources_are_found():
     names = {p.name for p in SOURCES}
-    assert {"__init__.py", "pipeline.py", "loading.py", "cli.py", "text.py"} <= names
+    assert {"__init__.py", "model.py", "loading.py", "main.py", "text.py"} <= names
 
 
-@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+def source_id(path: Path) -> str:
+    return path.relative_to(PACKAGE).as_posix()
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=source_id)
 def test_no_forbidden_imports_in_the_source(path):
     found = imported_modules(parse(path))
     bad = [(name, line) for name, line in found if name.split(".")[0] in FORBIDDEN]
@@ -55,6 +59,18 @@ def test_no_forbidden_imports_in_the_source(path):
     absolute = [(name, line) for name, line in found if name.split(".")[0] == "dmp_model"]
     assert absolute == [], \
         f"{path.name} imports dmp_model absolutely {absolute}: it breaks when ComfyUI loads the pack by path"
+
+
+# The model libraries live behind one layer: dmp_model/sd (the trainer, outside dmp_model, uses them too).
+MODEL_LIBRARIES = ("diffusers", "peft", "transformers")
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=source_id)
+def test_only_the_sd_layer_imports_the_model_libraries(path):
+    libraries = [(name, line) for name, line in imported_modules(parse(path))
+                 if name.split(".")[0] in MODEL_LIBRARIES]
+    if path.relative_to(PACKAGE).parts[0] != "sd":
+        assert libraries == [], f"{source_id(path)} imports {libraries}: model libraries belong in dmp_model/sd"
 
 
 def test_the_ast_check_does_catch_forbidden_imports():
@@ -83,7 +99,7 @@ print(json.dumps({"after_package": after_package, "after_all": sorted(sys.module
         bad = [m for m in modules[stage] if m.split(".")[0] in FORBIDDEN]
         assert bad == [], f"{stage}: {bad}"
         assert "diffusers.pipelines" not in modules[stage], stage
-    assert "dmp_model.pipeline" in modules["after_package"] and "dmp_model.cli" in modules["after_all"]
+    assert "dmp_model.sd.model" in modules["after_package"] and "dmp_model.cli.main" in modules["after_all"]
 
 
 def is_print(node: ast.AST) -> bool:
@@ -101,7 +117,7 @@ def weights_only_true(call: ast.Call) -> bool:
                for k in call.keywords)
 
 
-@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SOURCES, ids=source_id)
 def test_no_print_and_no_unsafe_torch_load(path):
     tree = parse(path)
     prints = [n.lineno for n in ast.walk(tree) if is_print(n)]
@@ -180,9 +196,31 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 @pytest.mark.parametrize("package", ["dmp_model", "training"])
 def test_no_import_cycles_among_the_package_modules(package):
     graph = import_graph(ROOT, package)
-    assert f"{package}.tasks" in graph[f"{package}.adapters"] if package == "dmp_model" else \
+    assert f"{package}.tasks.codecs" in graph[f"{package}.adapters"] if package == "dmp_model" else \
         f"{package}.config" in graph[f"{package}.trainer"]  # the graph sees the imports
     assert find_cycle(graph) is None, f"{package} modules import each other in a cycle: {find_cycle(graph)}"
+
+
+# The engine's layers, lowest first (a folder or a top-level module each): a module imports its own layer
+# and the layers below it only. The package's public API (dmp_model/__init__.py, __main__.py) sits on top.
+LAYERS = ("options", "io", "images", "sampling", "tasks", "adapters", "prediction", "sd", "cli")
+
+
+def layer_of(module: str) -> str | None:
+    """'dmp_model.sd.model' -> 'sd'; None for the package itself and its __main__."""
+    parts = module.split(".")
+    return None if len(parts) == 1 or parts[1] == "__main__" else parts[1]
+
+
+def test_the_engine_layers_import_only_downward():
+    graph = import_graph(ROOT, "dmp_model")
+    rank = {layer: i for i, layer in enumerate(LAYERS)}
+    unplaced = sorted({layer_of(m) for m in graph} - set(LAYERS) - {None})
+    assert unplaced == [], f"dmp_model/{unplaced}: place each new folder or module in LAYERS"
+    upward = [(module, target) for module, targets in graph.items() if layer_of(module) for target in targets
+              if layer_of(target) is None or rank[layer_of(target)] > rank[layer_of(module)]]
+    assert upward == [], f"imports that go up a layer: {upward}"
+    assert "dmp_model.tasks.codecs" in graph["dmp_model.prediction.predict"]  # the graph sees the imports
 
 
 def test_the_cycle_check_does_catch_cycles(tmp_path):

@@ -20,9 +20,10 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from cli_args import predict_argv
-from dmp_model import DMPModel, cli
-from dmp_model.palettes import palette
-from dmp_model.writers import read_depth_png16
+from dmp_model import DMPModel
+from dmp_model.cli import main as cli
+from dmp_model.io.writers import read_depth_png16
+from dmp_model.tasks.palettes import palette
 from factories import write_official_adapter
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from cli_args import predict_argv
-from dmp_model import cli
+from dmp_model.cli import main as cli
 from factories import write_official_adapter
 
 SIZES = {"odd.png": (41, 57), "wide.png": (40, 64)}

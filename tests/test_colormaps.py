@@ -1,10 +1,10 @@
-"""Tests for dmp_model.colormaps: stop tables against published maps, colorize, normalisation."""
+"""Tests for dmp_model.tasks.colormaps: stop tables against published maps, colorize, normalisation."""
 
 import pytest
 import torch
 
-from dmp_model import colormaps
-from dmp_model.colormaps import (
+from dmp_model.tasks import colormaps
+from dmp_model.tasks.colormaps import (
     COLORMAPS,
     RANGE_MODES,
     batch_percentiles,

@@ -1,4 +1,4 @@
-"""Tests for dmp_model.controlnet (depth, normal and segmentation condition maps) and dmp_model.normals."""
+"""Tests for dmp_model.tasks.controlnet (depth, normal and segmentation condition maps) and dmp_model.tasks.normals."""
 
 import itertools
 
@@ -6,9 +6,14 @@ import pytest
 import torch
 
 from clip_helpers import panning_clip
-from dmp_model.controlnet import DEPTH_CONTROL_MODES, depth_to_control, normals_to_control, segmentation_to_control
-from dmp_model.normals import NORMAL_CONVENTIONS, convert_normals, normals_to_rgb, rgb_to_normals
-from dmp_model.palettes import paint
+from dmp_model.tasks.controlnet import (
+    DEPTH_CONTROL_MODES,
+    depth_to_control,
+    normals_to_control,
+    segmentation_to_control,
+)
+from dmp_model.tasks.normals import NORMAL_CONVENTIONS, convert_normals, normals_to_rgb, rgb_to_normals
+from dmp_model.tasks.palettes import paint
 
 # Omnidata (OpenCV camera frame): a wall facing the camera points at it, -z; a floor points up, -y.
 OMNIDATA_WALL = torch.tensor([0.0, 0.0, -1.0]).view(1, 1, 1, 3)

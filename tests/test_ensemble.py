@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dmp_model.alignment import apply_scale_shift, fit_scale_shift
-from dmp_model.ensemble import predict_flip, uncertainty_visual
-from dmp_model.prediction import PredictOptions, predict_images
-from dmp_model.tasks import get_codec
+from dmp_model.prediction.alignment import apply_scale_shift, fit_scale_shift
+from dmp_model.prediction.ensemble import predict_flip, uncertainty_visual
+from dmp_model.prediction.predict import PredictOptions, predict_images
+from dmp_model.tasks.codecs import get_codec
 from standins import PIXEL_OPTIONS, PixelBackend, pixel_info
 
 DEPTH, NORMAL = "depth-test-notext", "normal-test-notext"

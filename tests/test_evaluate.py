@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from dmp_model.adapters import AdapterInfo
-from dmp_model.imageproc import load_image
-from dmp_model.prediction import Prediction, PredictOptions
+from dmp_model.images import load_image
+from dmp_model.prediction.predict import Prediction, PredictOptions
 from training import evaluate
 from training.cli import main as training_main
 from training.data import DataError

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dmp_model.imageproc import (
+from dmp_model.images import (
     array_to_tensor,
     frame_batch,
     list_images,

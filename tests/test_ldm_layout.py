@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +22,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from dmp_model.tiny import build_tiny_components, save_tiny_sd
+from dmp_model.sd.loading import SD1_CONFIG_DIR
+from dmp_model.sd.tiny import build_tiny_components, save_tiny_sd
 
 try:
     from tests.ldm_layout import (
@@ -48,7 +48,7 @@ except ImportError:  # tests/ itself on sys.path (pytest's rootdir-less import m
         write_single_file,
     )
 
-SD1_CONFIGS = Path(__file__).resolve().parents[1] / "dmp_model" / "configs" / "sd1"
+SD1_CONFIGS = SD1_CONFIG_DIR
 POSITION_IDS = TEXT_ENCODER_PREFIX + "embeddings.position_ids"
 
 
@@ -217,7 +217,7 @@ def test_generic_unet_layout_round_trips_through_diffusers_converter():
 
 @pytest.fixture(scope="module")
 def sd1_meta():
-    """Full-size SD 1.x (unet, vae, text_encoder) from dmp_model/configs/sd1, on the meta device."""
+    """Full-size SD 1.x (unet, vae, text_encoder) from dmp_model/sd/configs/sd1, on the meta device."""
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD1_CONFIGS / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD1_CONFIGS / "vae"))

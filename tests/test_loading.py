@@ -24,8 +24,8 @@ from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
 from dmp_model import DMPModel
-from dmp_model.loading import PRECISIONS, load_base, resolve_device, resolve_dtype
-from dmp_model.weight_files import CheckpointError
+from dmp_model.io.weight_files import CheckpointError
+from dmp_model.sd.loading import PRECISIONS, load_base, resolve_device, resolve_dtype
 from factories import write_official_adapter
 from ldm_layout import ldm_state_dict, write_single_file
 from weight_keys import DMP_LORA, FOUND, INPAINTING, SD2, SDXL, VAE_ONLY, Payload, write_keys
@@ -271,7 +271,7 @@ def test_loading_touches_no_network_even_without_offline_variables(single_files,
         socket.create_connection = socket.getaddrinfo = refuse
         socket.socket.connect = socket.socket.connect_ex = refuse
         from dmp_model import DMPModel
-        from dmp_model.weight_files import CheckpointError
+        from dmp_model.io.weight_files import CheckpointError
         model = DMPModel.from_pretrained({str(single_files["safetensors"])!r}, device="cpu", precision="fp32",
                                          config={str(tiny_base)!r})
         assert model.text.empty_embedding().shape == (1, 77, 32)
@@ -375,7 +375,7 @@ def test_a_miniature_single_file_loads_without_config_from_its_shapes(tmp_path):
     """A non-SD-sized file following SD 1.x's conventions (8 heads, 32 groups, 64-wide text heads) needs no config."""
     from transformers import CLIPTextConfig
 
-    from dmp_model.tiny import save_tiny_sd, tiny_text_encoder_config, tiny_unet_config, tiny_vae_config
+    from dmp_model.sd.tiny import save_tiny_sd, tiny_text_encoder_config, tiny_unet_config, tiny_vae_config
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**{**tiny_unet_config(32, 64), "attention_head_dim": 8, "norm_num_groups": 32})

@@ -8,8 +8,8 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
 from dmp_model import DMPModel
-from dmp_model.denoiser import AdapterDenoiser, MergedLora
 from dmp_model.sampling import get_timesteps, sample_dmp
+from dmp_model.sd.denoiser import AdapterDenoiser, MergedLora
 from factories import write_official_adapter
 
 NAMES = ("depth-a-notext", "normal-b-notext")

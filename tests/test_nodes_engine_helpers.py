@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from dmp_model.palettes import class_fractions
-from dmp_model.text import SD_CONTEXT_LENGTH, context_length, empty_prompt_ids
-from dmp_model.tiny import write_tiny_tokenizer
+from dmp_model.sd.text import SD_CONTEXT_LENGTH, context_length, empty_prompt_ids
+from dmp_model.sd.tiny import write_tiny_tokenizer
+from dmp_model.tasks.palettes import class_fractions
 
 
 def test_class_fractions_largest_first():

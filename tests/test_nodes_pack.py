@@ -28,7 +28,7 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 def pack(tmp_path_factory):
     """The pack loaded by path with ComfyUI stand-ins; an extra 'dmp' path registered beforehand,
     as ComfyUI does when extra_model_paths.yaml names one."""
-    from dmp_model.tiny import build_tiny_components
+    from dmp_model.sd.tiny import build_tiny_components
 
     base = tmp_path_factory.mktemp("comfyui")
     write_tiny_models(base / "models", build_tiny_components(seed=0)[0])

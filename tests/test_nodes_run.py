@@ -23,7 +23,7 @@ def env(tmp_path_factory):
     from transformers import CLIPTokenizer
 
     from dmp_model import DMPModel
-    from dmp_model.tiny import build_tiny_components, save_tiny_sd
+    from dmp_model.sd.tiny import build_tiny_components, save_tiny_sd
 
     root = tmp_path_factory.mktemp("comfyui")
     components = build_tiny_components(seed=0)
@@ -321,7 +321,7 @@ def frames():
 
 
 def test_video_batches_align_depth_over_time_and_share_one_range(env, frames):
-    from dmp_model.temporal import TemporalAligner
+    from dmp_model.prediction.temporal import TemporalAligner
 
     dmp_model = load(env, "depth")
     still = predict(env, dmp_model, frames)[1]
@@ -386,10 +386,10 @@ def test_segmentation_colors_mask_and_classes(env):
     engine = env.engine
     ids = torch.tensor([[[0, 0, 3], [3, 14, 0]]])  # wall, floor, door
     seg = engine.Prediction("segmentation", engine.AdapterInfo(task="segmentation"), ids,
-                            engine.palettes.paint(ids, "dmp"))
+                            engine.tasks.palettes.paint(ids, "dmp"))
     colors, mask, found = env.nodes["DMPSegmentation"]().convert(seg, "Wall, floor", "ade20k")
     assert _is_image(colors, (1, 2, 3, 3))
-    torch.testing.assert_close(colors, engine.controlnet.segmentation_to_control(ids))
+    torch.testing.assert_close(colors, engine.tasks.controlnet.segmentation_to_control(ids))
     assert mask.dtype == torch.float32 and mask.tolist() == [[[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]]]
     assert found.splitlines() == ["wall: 50.0%", "floor: 33.3%", "door: 16.7%"]
     assert env.nodes["DMPSegmentation"]().convert(seg, "", "dmp")[1].sum() == 0
@@ -443,7 +443,7 @@ def test_save_depth_as_16_bit_png_with_comfy_counters(env, everything):
     names = [f["filename"] for f in ui["dmp_files"] + again["dmp_files"]]
     assert names == ["depth_00001_.png", "depth_00002_.png", "depth_00003_.png", "depth_00004_.png"]
     folder = env.root / "output" / "DMP"
-    metres, info = env.engine.writers.read_depth_png16(folder / "depth_00002_.png")
+    metres, info = env.engine.io.writers.read_depth_png16(folder / "depth_00002_.png")
     assert info["encoding"] == "millimeters"
     # Whole millimetres: 0.5 mm of rounding plus float32 rounding of metres below 8 (< 1e-6).
     np.testing.assert_allclose(metres, depth.raw[1].numpy(), atol=6e-4)
@@ -453,7 +453,7 @@ def test_save_depth_as_16_bit_png_with_comfy_counters(env, everything):
 
 def test_save_formats_are_the_engines_raw_formats(env):
     formats, options = env.nodes["DMPSave"].INPUT_TYPES()["required"]["format"]
-    assert formats == list(env.engine.writers.RAW_FORMATS) == ["npy", "png", "exr"]
+    assert formats == list(env.engine.io.writers.RAW_FORMATS) == ["npy", "png", "exr"]
     assert options["default"] == "png"
 
 
@@ -474,7 +474,7 @@ def test_save_raw_values_as_npy_png_and_exr(env, everything):
     with Image.open(output / png["filename"]) as image:
         assert image.mode == "L"
         np.testing.assert_array_equal(np.asarray(image), segmentation.raw[1])
-    if env.engine.writers.exr_available():
+    if env.engine.io.writers.exr_available():
         assert node.save(normal, "raw/exr", "exr", "millimeters")["ui"]["dmp_files"]
     else:
         with pytest.raises(ValueError, match="pip install openexr"):
@@ -563,7 +563,7 @@ def test_missing_adapter_and_other_bases_are_refused(env, images):
 
 
 def test_a_vae_or_clip_of_another_family_is_refused(env, images):
-    from dmp_model.tiny import build_tiny_components
+    from dmp_model.sd.tiny import build_tiny_components
 
     dmp_model = load(env, "depth")
     flux_like = core_models.VAE(env.components[1], latent_channels=16)

@@ -1,10 +1,10 @@
-"""Tests for dmp_model.palettes: ADE20K data, sRGB -> Lab, snapping, painting, names and masks."""
+"""Tests for dmp_model.tasks.palettes: ADE20K data, sRGB -> Lab, snapping, painting, names and masks."""
 
 import pytest
 import torch
 
-from dmp_model import palettes
-from dmp_model.palettes import (
+from dmp_model.tasks import palettes
+from dmp_model.tasks.palettes import (
     ADE20K_CLASSES,
     BEDROOM_CLASS_IDS,
     PALETTES,

@@ -23,7 +23,8 @@ import sys
 import torch
 sys.path[:0] = [{root!r}, {tests!r}]
 from clip_helpers import STAND_IN_DEPTH, STAND_IN_OPTIONS, StandInBackend
-from dmp_model import imageproc, prediction
+from dmp_model import images as imageproc
+from dmp_model.prediction import predict as prediction
 
 def kib(key):
     for line in open("/proc/self/status"):

@@ -6,7 +6,6 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from dmp_model.loading import SD1_CONFIG_DIR
 from dmp_model.sampling import (
     PREDICTION_TYPES,
     Schedule,
@@ -19,6 +18,7 @@ from dmp_model.sampling import (
     training_target,
     velocity,
 )
+from dmp_model.sd.loading import SD1_CONFIG_DIR
 
 SCHEDULER_CONFIG = json.loads((SD1_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())
 SCHEDULE = schedule_from_config(SCHEDULER_CONFIG)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dmp_model import TASKS, AdapterInfo, get_codec
-from dmp_model.colormaps import colorize, normalize_per_image
-from dmp_model.palettes import NUM_CLASSES, palette
+from dmp_model.tasks.colormaps import colorize, normalize_per_image
+from dmp_model.tasks.palettes import NUM_CLASSES, palette
 
 DEPTH = AdapterInfo(task="depth", target_scale=8.0)
 

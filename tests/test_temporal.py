@@ -1,4 +1,4 @@
-"""Temporal alignment of a clip's depth (dmp_model.temporal) and its wiring into predict_images."""
+"""Temporal alignment of a clip's depth (dmp_model.prediction.temporal) and its wiring into predict_images."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from clip_helpers import STAND_IN_DEPTH, STAND_IN_NORMAL, STAND_IN_OPTIONS, StandInBackend, panning_clip
-from dmp_model.alignment import fit_scale
-from dmp_model.prediction import PredictOptions, predict_images
-from dmp_model.tasks import get_codec
-from dmp_model.temporal import TEMPORAL_FITS, TEMPORAL_TASKS, TemporalAligner, clip_aligners
+from dmp_model.prediction.alignment import fit_scale
+from dmp_model.prediction.predict import PredictOptions, predict_images
+from dmp_model.prediction.temporal import TEMPORAL_FITS, TEMPORAL_TASKS, TemporalAligner, clip_aligners
+from dmp_model.tasks.codecs import get_codec
 
 
 def jittered(clip: torch.Tensor, spread: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,8 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from dmp_model import DMPModel
-from dmp_model.text import TOKENIZER_HINT, TextConditioner, cache_file_for, empty_prompt_ids
-from dmp_model.tiny import tiny_text_encoder_config
+from dmp_model.sd.text import TOKENIZER_HINT, TextConditioner, cache_file_for, empty_prompt_ids
+from dmp_model.sd.tiny import tiny_text_encoder_config
 from factories import write_official_adapter
 from ldm_layout import write_single_file
 
@@ -120,7 +120,7 @@ def test_a_corrupt_cache_is_recomputed_with_a_warning_and_rewritten(encoder, tok
     cache = tmp_path / "empty.safetensors"
     cache.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     loader = Loader(encoder)
-    with caplog.at_level(logging.WARNING, logger="dmp_model.text"):
+    with caplog.at_level(logging.WARNING, logger="dmp_model.sd.text"):
         embedding = conditioner(loader, tokenizer, cache).empty_embedding()
     assert loader.calls == 1
     assert any("ignoring unreadable empty-prompt cache" in r.getMessage() and str(cache) in r.getMessage()

@@ -18,8 +18,8 @@ from PIL import Image
 from cli_args import train_argv
 from dmp_model import DMPModel
 from dmp_model.adapters import ATTENTION_PROJECTIONS
+from dmp_model.io.weight_files import read_state_dict
 from dmp_model.sampling import schedule_from_config
-from dmp_model.weight_files import read_state_dict
 from training import TrainConfig, train
 from training.data import adapter_info
 from training.metrics import TaskMetrics

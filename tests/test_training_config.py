@@ -169,7 +169,7 @@ def test_plot_is_a_png(tmp_path):
 
 def test_dmp_command_discovers_train_and_demo(monkeypatch, capsys):
     """`dmp` finds `train` and `demo` through the "dmp.commands" entry points (see pyproject.toml)."""
-    import dmp_model.cli
+    import dmp_model.cli.main
     from training.cli import register_demo, register_train
 
     class Entry:
@@ -180,11 +180,11 @@ def test_dmp_command_discovers_train_and_demo(monkeypatch, capsys):
             return self.function
 
     entries = [Entry(register_train), Entry(register_demo)]
-    monkeypatch.setattr(dmp_model.cli, "entry_points",
+    monkeypatch.setattr(dmp_model.cli.main, "entry_points",
                         lambda group: entries if group == "dmp.commands" else [])
     for command, flag in (("train", "--resume"), ("demo", "--overwrite")):
         with pytest.raises(SystemExit) as exit_info:
-            dmp_model.cli.main([command, "--help"])
+            dmp_model.cli.main.main([command, "--help"])
         assert exit_info.value.code == 0 and flag in capsys.readouterr().out
     bad = ["train", "--base", "b", "--train-images", "missing", "--train-targets", "t"]
-    assert dmp_model.cli.main(bad) == 2  # reported as an error, before anything loads
+    assert dmp_model.cli.main.main(bad) == 2  # reported as an error, before anything loads

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dmp_model.palettes import palette
-from dmp_model.writers import exr_available, write_depth_png16, write_exr
+from dmp_model.io.writers import exr_available, write_depth_png16, write_exr
+from dmp_model.tasks.palettes import palette
 from training.config import TrainConfig
 from training.data import (
     DataError,

@@ -1,4 +1,4 @@
-"""Video files: PyAV I/O (dmp_model.video) and `dmp predict` on clips (dmp_model.clips)."""
+"""Video files: PyAV I/O (dmp_model.io.video) and `dmp predict` on clips (dmp_model.cli.clips)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from cli_args import predict_argv
-from dmp_model import cli
-from dmp_model.video import VIDEO_EXTENSIONS, probe_video, read_frames, require_av, write_video
+from dmp_model.cli import main as cli
+from dmp_model.io.video import VIDEO_EXTENSIONS, probe_video, read_frames, require_av, write_video
 from factories import write_official_adapter
 
 pytest.importorskip("av")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dmp_model.weight_files import (
+from dmp_model.io.weight_files import (
     MODEL_FAMILIES,
     CheckpointError,
     check_sd1,

@@ -15,7 +15,7 @@ from PIL import Image
 
 from dmp_model import DMPModel
 from dmp_model.adapters import save_adapter
-from dmp_model.normals import convert_normals
+from dmp_model.tasks.normals import convert_normals
 from training import TrainConfig, train
 from training.data import adapter_info, encode_target, read_target
 from training.demo import (

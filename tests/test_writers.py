@@ -1,4 +1,4 @@
-"""Tests for dmp_model.writers: round trips, atomic writes, validation."""
+"""Tests for dmp_model.io.writers: round trips, atomic writes, validation."""
 
 import sys
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dmp_model import writers
-from dmp_model.writers import (
+from dmp_model.io import writers
+from dmp_model.io.writers import (
     exr_available,
     read_depth_png16,
     write_depth_png16,

@@ -65,7 +65,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run_train(args: argparse.Namespace) -> int:
     """`dmp train`: 0 on success, 2 on bad configuration or data (reported before training starts)."""
-    from dmp_model.weight_files import CheckpointError
+    from dmp_model.io.weight_files import CheckpointError
 
     from .trainer import train
 
@@ -126,9 +126,9 @@ def register_demo(subparsers) -> None:
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     """The data, the model, the grid (each axis takes several values) and the fixed settings."""
-    from dmp_model.loading import PRECISIONS
-    from dmp_model.normals import NORMAL_CONVENTIONS
-    from dmp_model.palettes import PALETTES
+    from dmp_model.sd.loading import PRECISIONS
+    from dmp_model.tasks.normals import NORMAL_CONVENTIONS
+    from dmp_model.tasks.palettes import PALETTES
 
     from .metrics import DEPTH_ALIGNMENTS
 
@@ -165,7 +165,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     """`dmp evaluate`: 0 on success, 2 on bad arguments or data (reported before any prediction)."""
     from dmp_model import DMPModel
-    from dmp_model.prediction import PredictOptions
+    from dmp_model.prediction.predict import PredictOptions
 
     from . import evaluate
 

@@ -15,11 +15,11 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from dmp_model.adapters import ATTENTION_PROJECTIONS
-from dmp_model.normals import NORMAL_CONVENTIONS
 from dmp_model.options import option_error
-from dmp_model.palettes import PALETTES
 from dmp_model.sampling import PREDICTION_TYPES
-from dmp_model.tasks import DEPTH_TARGET_SCALE, TASKS
+from dmp_model.tasks.codecs import DEPTH_TARGET_SCALE, TASKS
+from dmp_model.tasks.normals import NORMAL_CONVENTIONS
+from dmp_model.tasks.palettes import PALETTES
 
 CROP_MODES = ("center", "stretch")
 LR_SCHEDULERS = ("cosine", "constant", "constant_with_warmup", "linear", "cosine_with_restarts", "polynomial")

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dmp_model.tasks import DEPTH_TARGET_SCALE
-from dmp_model.writers import atomic_path
+from dmp_model.io.writers import atomic_path
+from dmp_model.tasks.codecs import DEPTH_TARGET_SCALE
 
 from . import prior as priors
 from .config import TrainConfig
@@ -104,7 +104,7 @@ def write_worlds(out: Path, settings: DemoSettings) -> dict[str, list[str]]:
 
 def write_random_base(prior_base: Path, folder: Path, settings: priors.PriorSettings) -> Path:
     """The prior's VAE and text encoder with the UNet it started from (random, seeded): no image prior."""
-    from dmp_model.tiny import build_tiny_components
+    from dmp_model.sd.tiny import build_tiny_components
 
     shutil.copytree(prior_base, folder, ignore=shutil.ignore_patterns("unet"))
     unet, _, _ = build_tiny_components(settings.seed, unet_width=settings.unet_width,
@@ -261,7 +261,7 @@ class HeldOut:
 
 def load_held_out(folder: Path, names: list[str], style: str | tuple[str, ...]) -> HeldOut:
     """A held-out set written by ``write_dataset`` (normals in the world's NORMAL_CONVENTION)."""
-    from dmp_model.imageproc import load_image
+    from dmp_model.images import load_image
 
     from .world import scene_style
 
@@ -316,7 +316,7 @@ def baselines(truth: HeldOut, train_depths: torch.Tensor) -> dict:
 
 def in_convention(truth: HeldOut, convention: str) -> HeldOut:
     """The held-out set with its normals in `convention` (the world writes NORMAL_CONVENTION)."""
-    from dmp_model.normals import convert_normals
+    from dmp_model.tasks.normals import convert_normals
 
     return replace(truth, normal=convert_normals(truth.normal, NORMAL_CONVENTION, convention))
 
@@ -434,8 +434,8 @@ def sheet_tiles(truth: HeldOut, depth: torch.Tensor, normal: torch.Tensor, index
     errors are per-pixel AbsRel (white at 0.5) and the angle between normals (white at 60 degrees),
     in the inferno colour map (black: no error).
     """
-    from dmp_model.colormaps import colorize
-    from dmp_model.normals import normals_to_rgb
+    from dmp_model.tasks.colormaps import colorize
+    from dmp_model.tasks.normals import normals_to_rgb
 
     def grey(values):
         return (1 - values / target_scale).clamp(0, 1).unsqueeze(-1).expand(-1, -1, 3)

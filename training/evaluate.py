@@ -38,12 +38,12 @@ from pathlib import Path
 import torch
 
 from dmp_model.adapters import AdapterInfo
-from dmp_model.ensemble import ENSEMBLES
-from dmp_model.imageproc import load_image
-from dmp_model.prediction import Prediction, PredictOptions
+from dmp_model.images import load_image
+from dmp_model.io.writers import atomic_path
+from dmp_model.prediction.ensemble import ENSEMBLES
+from dmp_model.prediction.predict import Prediction, PredictOptions
 from dmp_model.sampling import SAMPLERS, SPACINGS
-from dmp_model.tasks import get_codec
-from dmp_model.writers import atomic_path
+from dmp_model.tasks.codecs import get_codec
 
 from .config import TrainConfig
 from .data import Pair, check_pairs, find_pairs, read_target

@@ -3,7 +3,7 @@
 - depth: AbsRel = mean |d - d*| / d* and delta1 = share of pixels with max(d / d*, d* / d) < 1.25,
   over pixels with ground truth d* > 0. ``depth_alignment="none"`` (default) compares metres as
   predicted (metric depth, as DMP's depth adapters predict); "scale_shift" first fits each image's
-  prediction to its truth by least squares (``dmp_model.alignment``, plain, not robust, as depth
+  prediction to its truth by least squares (``dmp_model.prediction.alignment``, plain, not robust, as depth
   benchmarks do for relative depth), in depth, over the valid pixels;
 - normal: mean and median angular error in degrees over pixels with a valid (non-zero)
   ground-truth normal, and the share of them under 11.25 degrees (the median from a histogram
@@ -23,9 +23,9 @@ import math
 
 import torch
 
-from dmp_model.alignment import apply_scale_shift, fit_scale_shift
 from dmp_model.options import check_option
-from dmp_model.palettes import NUM_CLASSES
+from dmp_model.prediction.alignment import apply_scale_shift, fit_scale_shift
+from dmp_model.tasks.palettes import NUM_CLASSES
 
 DEPTH_ALIGNMENTS = ("none", "scale_shift")
 _ANGLE_BINS = 18000  # 0.01-degree bins over [0, 180] for the median angular error
@@ -63,7 +63,7 @@ class TaskMetrics:
             self.sums[key] = self.sums.get(key, 0.0) + float(value)
 
     def update(self, prediction: torch.Tensor, truth: torch.Tensor) -> None:
-        """Raw prediction and ground truth of one batch, same layout (see dmp_model.tasks)."""
+        """Raw prediction and ground truth of one batch, same layout (see dmp_model.tasks.codecs)."""
         prediction, truth = prediction.detach().cpu(), truth.detach().cpu()
         if prediction.shape != truth.shape:
             raise ValueError(f"prediction {tuple(prediction.shape)} and truth {tuple(truth.shape)} differ "

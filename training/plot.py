@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from dmp_model.writers import atomic_path
+from dmp_model.io.writers import atomic_path
 
 from .metrics import HIGHER_IS_BETTER, MAIN_METRIC
 

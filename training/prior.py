@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from dmp_model.adapters import AdapterInfo
-from dmp_model.tasks import DEPTH_TARGET_SCALE
+from dmp_model.tasks.codecs import DEPTH_TARGET_SCALE
 
 from .world import IN_DOMAIN_STYLE, NORMAL_CONVENTION, STYLES, WORLD_VERSION, random_scene, render, scene_style
 
@@ -88,7 +88,7 @@ def render_prior_data(settings: PriorSettings) -> tuple[torch.Tensor, torch.Tens
     Returns (images [N, 3, S, S], depth maps [M, 3, S, S], normal maps [M, 3, S, S]) with
     N = settings.images and M = settings.label_maps; maps encoded exactly as the trainer's targets.
     """
-    from dmp_model.normals import rgb_to_normals
+    from dmp_model.tasks.normals import rgb_to_normals
 
     from .data import encode_raw_target
 
@@ -164,7 +164,7 @@ def calibrate_latent_scale(vae, pixels: torch.Tensor) -> float:
 @torch.no_grad()
 def empty_context(text_encoder) -> torch.Tensor:
     """The empty prompt's embedding [1, 77, D]: SD's unconditional input, what a text-free prior sees."""
-    from dmp_model.text import empty_prompt_ids
+    from dmp_model.sd.text import empty_prompt_ids
 
     return text_encoder(empty_prompt_ids(None, text_encoder.config.vocab_size))[0]
 
@@ -228,7 +228,7 @@ def _warmup_cosine(warmup: int, total: int):
 def sd_alphas_cumprod() -> torch.Tensor:
     """SD 1.x's alphas_cumprod [1000] (scaled_linear betas 0.00085..0.012), from the bundled config."""
     from dmp_model.sampling import schedule_from_config
-    from dmp_model.tiny import SCHEDULER_CONFIG_PATH
+    from dmp_model.sd.tiny import SCHEDULER_CONFIG_PATH
 
     return schedule_from_config(json.loads(SCHEDULER_CONFIG_PATH.read_text(encoding="utf-8"))).alphas_cumprod
 
@@ -237,7 +237,7 @@ def sd_alphas_cumprod() -> torch.Tensor:
 
 def model_configs(settings: PriorSettings) -> dict:
     """The tiny model's architecture (UNet, VAE, text encoder configs): the prior's "shape"."""
-    from dmp_model.tiny import tiny_text_encoder_config, tiny_unet_config, tiny_vae_config
+    from dmp_model.sd.tiny import tiny_text_encoder_config, tiny_unet_config, tiny_vae_config
 
     return {"unet": tiny_unet_config(settings.unet_width, settings.unet_width),
             "vae": tiny_vae_config(settings.vae_width), "text_encoder": tiny_text_encoder_config(settings.unet_width)}
@@ -313,7 +313,7 @@ def read_prior_metadata(folder: Path) -> dict:
 def build_vae_stage(settings: PriorSettings, folder: Path) -> tuple[dict, torch.Tensor]:
     """Steps 1-2: render the pre-training data, pre-train and calibrate the VAE; save a base whose UNet
     is still random (seeded) to `folder`. Returns (stats, the pre-training images [N, 3, S, S])."""
-    from dmp_model.tiny import build_tiny_components, save_tiny_sd
+    from dmp_model.sd.tiny import build_tiny_components, save_tiny_sd
 
     started = time.perf_counter()
     images, depths, normals = render_prior_data(settings)

@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from dmp_model.adapters import ADAPTER_FILE, save_adapter  # ADAPTER_FILE: the run folder is a loadable adapter
-from dmp_model.loading import load_base
-from dmp_model.pipeline import DMPModel
+from dmp_model.io.writers import atomic_path, write_png8
 from dmp_model.sampling import expand_alpha, interpolate, training_target
-from dmp_model.tasks import get_codec
-from dmp_model.writers import atomic_path, write_png8
+from dmp_model.sd.loading import load_base
+from dmp_model.sd.model import DMPModel
+from dmp_model.tasks.codecs import get_codec
 
 from . import resume as ckpt
 from .config import TrainConfig, config_differences

@@ -454,7 +454,7 @@ def write_dataset(folder: str | os.PathLike, count: int, size: int = 64, seed: i
     """
     from PIL import Image
 
-    from dmp_model.writers import atomic_path
+    from dmp_model.io.writers import atomic_path
 
     folder = Path(folder)
     for name in ("images",) + TARGET_FOLDERS:

@@ -73,7 +73,7 @@ def write_tiny_models(models: Path, unet: torch.nn.Module, adapter_folder: str =
         'run' (a `dmp train` output folder with its checkpoints, whose state files are no adapters).
     """
     from dmp_model.adapters import AdapterInfo, info_to_metadata
-    from dmp_model.tiny import build_tiny_components
+    from dmp_model.sd.tiny import build_tiny_components
 
     adapters = models / "dmp" / adapter_folder
     paths = {task: write_official_adapter(unet, adapters / name, seed)

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from dmp_model.imageproc import load_image
+from dmp_model.images import load_image
 
 from ..config import TrainConfig
 from .pairs import Pair, find_pairs

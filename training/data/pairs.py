@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmp_model.imageproc import IMAGE_EXTENSIONS
+from dmp_model.images import IMAGE_EXTENSIONS
 
 from .targets import ACCEPTED_KINDS, TARGET_EXTENSIONS, DataError
 

@@ -2,7 +2,7 @@
 
 Each task accepts some kinds of file (``TARGET_EXTENSIONS``, described in ``ACCEPTED_KINDS``);
 a target of the wrong kind is a ``TargetKindError`` naming the file and the accepted kinds.
-``read_target`` returns a target in its task's raw layout (see ``dmp_model.tasks``).
+``read_target`` returns a target in its task's raw layout (see ``dmp_model.tasks.codecs``).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmp_model.imageproc import IMAGE_EXTENSIONS, pil_to_tensor
-from dmp_model.normals import convert_normals, rgb_to_normals
-from dmp_model.palettes import NUM_CLASSES, snap_to_palette
+from dmp_model.images import IMAGE_EXTENSIONS, pil_to_tensor
+from dmp_model.tasks.normals import convert_normals, rgb_to_normals
+from dmp_model.tasks.palettes import NUM_CLASSES, snap_to_palette
 
 from ..config import TrainConfig
 
@@ -30,7 +30,7 @@ TARGET_EXTENSIONS = {
 }
 ACCEPTED_KINDS = {
     "depth": "float .npy/.npz arrays in metres, 16-bit PNG (with --depth-png-scale unless written by "
-             "dmp_model.writers.write_depth_png16) or EXR",
+             "dmp_model.io.writers.write_depth_png16) or EXR",
     "normal": "RGB PNG images ((n + 1) / 2 in --normal-convention) or float [H, W, 3] .npy/.npz/.exr vectors",
     "segmentation": "class-id PNG (mode L, P or I, values 0..149) or integer .npy arrays, or colour images "
                     "with --segmentation-palette",
@@ -102,7 +102,7 @@ def _read_depth(path: Path, config: TrainConfig) -> torch.Tensor:
 def _read_depth_png(path: Path, config: TrainConfig) -> np.ndarray:
     from PIL import Image
 
-    from dmp_model.writers import read_depth_png16
+    from dmp_model.io.writers import read_depth_png16
 
     with Image.open(path) as image:
         mode, has_scale = image.mode, "depth_scale" in getattr(image, "text", {})
@@ -137,7 +137,7 @@ def read_normals(path: str | os.PathLike, convention: str, adapter_convention: s
 
     Args:
         path: RGB image ((n + 1) / 2) or float [H, W, 3] .npy/.npz/.exr vectors.
-        convention: the camera frame of the file, one of dmp_model.normals.NORMAL_CONVENTIONS.
+        convention: the camera frame of the file, one of dmp_model.tasks.normals.NORMAL_CONVENTIONS.
         adapter_convention: the frame to return them in (the adapter's, DMP: "omnidata").
     """
     path = Path(path)
@@ -201,7 +201,7 @@ def _read_image_target(path: Path, grey: bool) -> torch.Tensor:
 
 
 def read_target(path: str | os.PathLike, task: str, config: TrainConfig) -> torch.Tensor:
-    """A target file in its task's raw layout (see dmp_model.tasks): depth [H, W] metres, normals
+    """A target file in its task's raw layout (see dmp_model.tasks.codecs): depth [H, W] metres, normals
     [H, W, 3], class ids [H, W], albedo/rgb [H, W, 3], shading [H, W].
 
     Raises:

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from dmp_model.adapters import AdapterInfo
-from dmp_model.imageproc import processing_size, resize
-from dmp_model.tasks import get_codec
+from dmp_model.images import processing_size, resize
+from dmp_model.tasks.codecs import get_codec
 
 from ..config import TrainConfig
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from .options import check_option
+from ..options import check_option
 
 DEPTH_PNG_ENCODINGS = ("millimeters", "normalized")
 
@@ -265,7 +265,7 @@ def write_raw(path: str | os.PathLike, task: str, raw: np.ndarray, file_format: 
 
     Args:
         path: the file to write (the caller chooses the name).
-        task: the prediction's task (dmp_model.tasks.TASKS).
+        task: the prediction's task (dmp_model.tasks.codecs.TASKS).
         raw: numpy array of one image's raw values ([H, W] or [H, W, 3]).
         file_format: one of RAW_FORMATS.
         depth_png_encoding: one of DEPTH_PNG_ENCODINGS, for depth as png.

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapters import AdapterInfo
-from .prediction import PredictionBackend, PredictOptions, predict_images, visual_settings
-from .tasks import get_codec
-from .temporal import TemporalAligner, clip_aligners
-from .video import VideoInfo, probe_video, read_frames, write_video
-from .writers import prediction_paths, write_prediction
+from ..adapters import AdapterInfo
+from ..io.video import VideoInfo, probe_video, read_frames, write_video
+from ..io.writers import prediction_paths, write_prediction
+from ..prediction.predict import PredictionBackend, PredictOptions, predict_images, visual_settings
+from ..prediction.temporal import TemporalAligner, clip_aligners
+from ..tasks.codecs import get_codec
 
 logger = logging.getLogger("dmp")
 

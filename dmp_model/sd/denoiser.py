@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .sampling import apply_guidance
+from ..sampling import apply_guidance
 
 
 @contextlib.contextmanager

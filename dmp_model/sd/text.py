@@ -131,7 +131,7 @@ class TextConditioner:
             return
         from safetensors.torch import save_file
 
-        from .writers import atomic_path
+        from ..io.writers import atomic_path
 
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.cache_file) as tmp:

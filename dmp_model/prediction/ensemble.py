@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from ..tasks.codecs import get_codec
 from .alignment import apply_scale_shift, fit_scale, fit_scale_shift
-from .tasks import get_codec
 
 ENSEMBLES = ("none", "flip")
 # Alignment fits use a strided subset of about this many pixels: a robust fit over a 12-megapixel

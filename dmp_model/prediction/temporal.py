@@ -54,8 +54,8 @@ from collections.abc import Mapping
 
 import torch
 
+from ..options import check_option
 from .alignment import fit_scale, fit_scale_shift
-from .options import check_option
 
 TEMPORAL_TASKS = ("depth",)
 TEMPORAL_FITS = ("scale", "scale_shift")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .options import check_option, describe_value
+from ..options import check_option, describe_value
 
 # Per-axis signs taking each convention's normals into the BAE frame (and back: signs are +-1).
 _NORMAL_AXIS_SIGNS: dict[str, tuple[float, float, float]] = {

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .options import check_option
-from .weight_files import CheckpointError, check_sd1, infer_sd1_configs, read_key_shapes, read_state_dict
+from ..io.weight_files import CheckpointError, check_sd1, infer_sd1_configs, read_key_shapes, read_state_dict
+from ..options import check_option
 
 logger = logging.getLogger(__name__)
 

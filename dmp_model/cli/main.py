@@ -24,16 +24,16 @@ from pathlib import Path
 
 import torch
 
-from . import writers
-from .adapters import adapter_name_for
-from .colormaps import COLORMAPS
-from .ensemble import ENSEMBLES
-from .imageproc import IMAGE_EXTENSIONS, list_images, load_image
-from .loading import PRECISIONS
-from .prediction import DEFAULT_GUIDANCE, PredictOptions
-from .sampling import FINAL_OUTPUTS, SAMPLERS, SPACINGS
-from .video import VIDEO_EXTENSIONS, is_video, require_av
-from .writers import prediction_paths, write_prediction
+from ..adapters import adapter_name_for
+from ..images import IMAGE_EXTENSIONS, list_images, load_image
+from ..io import writers
+from ..io.video import VIDEO_EXTENSIONS, is_video, require_av
+from ..io.writers import prediction_paths, write_prediction
+from ..prediction.ensemble import ENSEMBLES
+from ..prediction.predict import DEFAULT_GUIDANCE, PredictOptions
+from ..sampling import FINAL_OUTPUTS, SAMPLERS, SPACINGS
+from ..sd.loading import PRECISIONS
+from ..tasks.colormaps import COLORMAPS
 
 logger = logging.getLogger("dmp")
 
@@ -154,7 +154,7 @@ def run_predict(args: argparse.Namespace) -> int:
     """`dmp predict`: returns 0 when every image was written, 1 when some failed, 2 on bad arguments."""
     from tqdm import tqdm
 
-    from .pipeline import DMPModel, PredictOptions
+    from ..sd.model import DMPModel, PredictOptions
 
     # 1. Arguments, inputs and output names: usage errors end here, before any model loads.
     try:

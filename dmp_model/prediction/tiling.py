@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..tasks.codecs import get_codec
 from .ensemble import Passes, PassFn, align
-from .tasks import get_codec
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> tuple[int, ...]:

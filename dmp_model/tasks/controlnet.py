@@ -16,9 +16,9 @@ import numbers
 
 import torch
 
+from ..options import check_option, describe_value
 from .colormaps import RANGE_MODES, normalize, normalize_between, value_range
 from .normals import NORMAL_CONVENTIONS, convert_normals, normals_to_rgb, rgb_to_normals
-from .options import check_option, describe_value
 from .palettes import paint
 
 __all__ = ["DEPTH_CONTROL_MODES", "NORMAL_CONVENTIONS", "convert_normals", "depth_to_control", "normals_to_control",

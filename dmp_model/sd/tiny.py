@@ -147,7 +147,7 @@ def save_random_adapter(unet, path: str | os.PathLike, seed: int = 0, task: str 
 
     For examples and benchmarks that need an adapter but no trained weights. Returns the file.
     """
-    from .adapters import ATTENTION_PROJECTIONS, AdapterInfo, infer_info_from_name, save_adapter
+    from ..adapters import ATTENTION_PROJECTIONS, AdapterInfo, infer_info_from_name, save_adapter
 
     generator = torch.Generator().manual_seed(seed)
     tensors = {}

@@ -37,10 +37,10 @@ from __future__ import annotations
 
 import torch
 
+from ..images import resize as resize_images
+from ..options import check_option
 from . import colormaps, palettes
-from .imageproc import resize as resize_images
 from .normals import normals_to_rgb, rgb_to_normals
-from .options import check_option
 
 TASKS = ("depth", "normal", "segmentation", "albedo", "shading", "rgb")
 # DMP's depth adapters encode depth / 8 m (white is 8 m and beyond): their target_scale.

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .options import check_option, describe_value
+from ..options import check_option, describe_value
 
 PALETTES = ("dmp", "ade20k")
 NUM_CLASSES = 150
@@ -204,7 +204,7 @@ def class_ids(names: str | Sequence[str]) -> list[int]:
             hint = f"; close matches: {close}" if close else ""
             raise ValueError(
                 f"names: unknown ADE20K class {item.strip()!r}{hint}. "
-                "The 150 valid names are in dmp_model.palettes.ADE20K_CLASSES."
+                "The 150 valid names are in dmp_model.tasks.palettes.ADE20K_CLASSES."
             )
         if lookup[key] not in ids:
             ids.append(lookup[key])

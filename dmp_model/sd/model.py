@@ -21,11 +21,9 @@ from pathlib import Path
 
 import torch
 
-from . import adapters as adapter_files
-from .adapters import AdapterInfo
-from .denoiser import AdapterDenoiser, MergedLora
-from .loading import BaseComponents, load_base
-from .prediction import (
+from .. import adapters as adapter_files
+from ..adapters import AdapterInfo
+from ..prediction.predict import (
     Prediction,
     PredictOptions,
     ProgressCallback,
@@ -35,7 +33,10 @@ from .prediction import (
     predict_images,
     sample_group,
 )
-from .sampling import Denoiser, schedule_from_config
+from ..sampling import Denoiser, schedule_from_config
+from . import lora
+from .denoiser import AdapterDenoiser, MergedLora
+from .loading import BaseComponents, load_base
 from .text import TextConditioner, cache_file_for
 
 logger = logging.getLogger(__name__)
@@ -118,14 +119,14 @@ class DMPModel:
             self._adapters[name] = replace(loaded, info=info)
             return info
         tensors, metadata, file = adapter_files.read_adapter(file)
-        peft_tensors = adapter_files.to_peft_state_dict(tensors, self.unet.config, adapter_files.peft_alpha(metadata))
+        peft_tensors = lora.to_peft_state_dict(tensors, self.unet.config, adapter_files.peft_alpha(metadata))
         info = adapter_files.resolve_info(natural_name, metadata, tensors, overrides)
-        adapter_files.check_adapter_fits(peft_tensors, self.unet)  # before an adapter it replaces is dropped
+        lora.check_adapter_fits(peft_tensors, self.unet)  # before an adapter it replaces is dropped
         peft_tensors = {k: v.to(self.device, self.dtype) for k, v in peft_tensors.items()}
         if loaded is not None:
             self.remove_adapter(name)
         self._merged.reset()  # peft adds the new adapter's layers next to the original weights
-        layers = adapter_files.attach_adapter(self.unet, peft_tensors, name)
+        layers = lora.attach_adapter(self.unet, peft_tensors, name)
         self._adapters[name] = _LoadedAdapter(info, file, stamp, layers)
         logger.info("loaded adapter %r from %s: %d layers, task %s", name, file, layers, info.task)
         return info
@@ -140,7 +141,7 @@ class DMPModel:
         """
         if not isinstance(info, AdapterInfo):
             raise TypeError(f"info must be an AdapterInfo, got {type(info).__name__}")
-        layers = adapter_files.count_adapter_layers(self.unet, name)
+        layers = lora.count_adapter_layers(self.unet, name)
         if not layers:
             raise ValueError(f"the UNet has no LoRA layers of adapter {name!r}; attach it first (unet.add_adapter)")
         self._merged.reset()

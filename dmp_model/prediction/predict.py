@@ -21,13 +21,13 @@ from typing import Protocol
 
 import torch
 
+from ..adapters import AdapterInfo
+from ..images import Framing, frame_batch, processing_size, to_image_batch, unframe
+from ..options import check_option
+from ..sampling import FINAL_OUTPUTS, PREDICTION_TYPES, SAMPLERS, Denoiser, Schedule, get_timesteps, sample_dmp
+from ..tasks.codecs import get_codec
+from ..tasks.colormaps import COLORMAPS, batch_percentiles
 from . import ensemble, tiling
-from .adapters import AdapterInfo
-from .colormaps import COLORMAPS, batch_percentiles
-from .imageproc import Framing, frame_batch, processing_size, to_image_batch, unframe
-from .options import check_option
-from .sampling import FINAL_OUTPUTS, PREDICTION_TYPES, SAMPLERS, Denoiser, Schedule, get_timesteps, sample_dmp
-from .tasks import get_codec
 from .temporal import TemporalAligner, clip_aligners
 
 logger = logging.getLogger(__name__)

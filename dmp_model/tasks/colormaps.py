@@ -27,7 +27,7 @@ import numbers
 
 import torch
 
-from .options import check_option
+from ..options import check_option
 
 COLORMAPS = ("Spectral", "inferno", "turbo", "viridis", "gray")
 # Where normalisation ranges come from: each image, the whole batch (a clip), or given values.
