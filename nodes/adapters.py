@@ -9,6 +9,7 @@ normal convention: the engine's ``AdapterInfo``) travels beside the patched MODE
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from ..dmp_model.options import check_option
 from ..dmp_model.tasks.codecs import TASKS
 from . import comfy_bridge as bridge
 from .common import CATEGORY
+
+logger = logging.getLogger(__name__)
 
 TASK_CHOICES = ("auto", *TASKS)
 
@@ -45,6 +48,11 @@ class DMPAdapters:
 
     def get(self, name: str) -> LoadedAdapter:
         return next(adapter for adapter in self.adapters if adapter.name == name)
+
+    def get_models(self) -> list:
+        """The patched MODEL clones: how newer cores find the models held by a node's outputs, to keep them
+        in use for the whole prompt (``PromptModelTracker``); 0.3.x cores never ask."""
+        return [adapter.model for adapter in self.adapters]
 
     def describe(self) -> str:
         return ", ".join(f"{a.name} ({a.info.task})" for a in self.adapters)
@@ -86,6 +94,20 @@ def load_adapter(model, path: str, strength: float, task: str = "auto") -> tuple
     return info, bridge.apply_lora(model, portable_lora_state_dict(tensors, metadata), strength)
 
 
+def warn_about_extras(model) -> None:
+    """Log what a MODEL carries that DMP's adapters were not trained with: weight patches change every
+    prediction; patches, wrappers and hooks are not applied (``comfy_bridge.ignored_model_options``)."""
+    patched = bridge.weight_patch_count(model)
+    if patched:
+        logger.warning("DMP: this MODEL already carries weight patches on %d weights (a LoRA chained before Load "
+                       "DMP Adapter?). They change every DMP prediction: DMP adapters were trained on the plain "
+                       "SD 1.x base, so wire the checkpoint loader's MODEL to Load DMP Adapter.", patched)
+    ignored = bridge.ignored_model_options(model)
+    if ignored:
+        logger.warning("DMP: this MODEL carries %s; DMP runs the bare UNet and does not apply them (they are made "
+                       "for image generation, and DMP's adapters were trained without them).", ", ".join(ignored))
+
+
 class DMPLoadAdapter:
     """Load DMP Adapter: a task adapter applied to core's MODEL with ComfyUI's LoRA patching."""
 
@@ -94,7 +116,11 @@ class DMPLoadAdapter:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "An SD 1.x MODEL from a core loader (Load Checkpoint, Load "
-                                               "Diffusion Model, ...): the same one your generation uses."}),
+                                               "Diffusion Model, ...): the same one your generation uses. "
+                                               "Wire the loader's own MODEL: a LoRA chained before this node "
+                                               "changes every prediction (DMP adapters were trained on the "
+                                               "plain base); patches and wrappers (IPAdapter, PAG, FreeU, "
+                                               "...) are not applied to DMP."}),
                 "adapter": (bridge.adapter_choices(), {
                     "tooltip": "A DMP task adapter from models/dmp (DMP's layout: depth-hypersim-notext/"
                                "pytorch_lora_weights.safetensors) or models/loras. Its task comes from the "
@@ -125,6 +151,7 @@ class DMPLoadAdapter:
 
     def load(self, model, adapter, strength, task="auto", dmp_model=None):
         bridge.check_sd1_model(model)
+        warn_about_extras(model)
         if dmp_model is not None and dmp_model.adapters[0].model.model is not model.model:
             raise ValueError("the dmp_model input holds adapters on another MODEL; chain adapters of one base "
                              "model only (wire the same checkpoint loader's MODEL to every Load DMP Adapter)")

@@ -7,10 +7,16 @@ anything that needs ComfyUI raises a RuntimeError saying so.
 DMP runs on what ComfyUI loaded: the ``MODEL`` of a core loader (its ``ModelPatcher``: core LoRA
 patching, low-VRAM partial loading, fp16/bf16/fp8 weights), the ``VAE`` and the ``CLIP``. Nothing
 here loads a model file of its own.
+
+One pack for every core from 0.3.64 on: surfaces that newer cores added are feature-tested where
+they are used (``getattr``/``hasattr``), never by version numbers, and an optional module that moved
+or vanished (any ``ImportError``) leaves the pack working without it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import os
 from dataclasses import dataclass
@@ -21,18 +27,20 @@ from ..dmp_model.adapters import offered_as_adapter
 
 try:
     import folder_paths
-except ModuleNotFoundError:  # plain Python: no ComfyUI
+except ImportError:  # plain Python: no ComfyUI
     folder_paths = None
 try:
     import comfy.lora as comfy_lora
     import comfy.model_management as model_management
     import comfy.utils as comfy_utils
-except ModuleNotFoundError:
+except ImportError:
     comfy_lora = model_management = comfy_utils = None
-try:  # newer ComfyUI: converts a few trainers' layouts before its key maps apply
-    import comfy.lora_convert as lora_convert
-except ModuleNotFoundError:
-    lora_convert = None
+try:  # converts a few trainers' LoRA layouts before core's key maps apply; optional (any core may move it)
+    from comfy.lora_convert import convert_lora
+except ImportError:
+    convert_lora = None
+# Where cores keep the marker for outputs that block their users: graph_utils (0.3.x), graph (newer).
+EXECUTION_BLOCKER_MODULES = ("comfy_execution.graph_utils", "comfy_execution.graph")
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +182,7 @@ def apply_lora(model, lora: dict[str, torch.Tensor], strength: float) -> Patched
     """
     _require()
     key_map = comfy_lora.model_lora_keys_unet(model.model, {})
-    lora = lora_convert.convert_lora(lora) if lora_convert is not None else lora
+    lora = convert_lora(lora) if convert_lora is not None else lora
     patches = comfy_lora.load_lora(lora, key_map, log_missing=False)
     modules = _lora_modules(lora)
     problems = _shape_problems(model, patches)
@@ -213,11 +221,96 @@ def _shape_problems(model, patches: dict) -> list[str]:
     return problems
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether core counts `error` as running out of memory: its ``is_oom`` where the core has one (newer
+    cores also count a ``torch.AcceleratorError`` saying so), else its ``OOM_EXCEPTION``."""
+    check = getattr(model_management, "is_oom", None)
+    if check is not None:
+        return bool(check(error))
+    return isinstance(error, model_management.OOM_EXCEPTION)
+
+
+def device_context(device: torch.device):
+    """Core's ``cuda_device_context`` (newer cores run VAE and CLIP work in it, so that kernels of a second
+    GPU see their own device), or nothing where the core has none."""
+    context = getattr(model_management, "cuda_device_context", None)
+    return context(device) if context is not None else contextlib.nullcontext()
+
+
+def is_dynamic(model) -> bool:
+    """Whether a patcher loads its weights per operation (newer cores' dynamic VRAM, ``ModelPatcherDynamic``)."""
+    return bool(getattr(model, "is_dynamic", lambda: False)())
+
+
+def compute_dtype(base) -> torch.dtype:
+    """The dtype the UNet computes in: the manual-cast dtype for fp8 weights, else the weights' own."""
+    if hasattr(base, "get_dtype_inference"):  # newer cores name this rule
+        return base.get_dtype_inference()
+    return base.manual_cast_dtype if getattr(base, "manual_cast_dtype", None) is not None else base.get_dtype()
+
+
+def unet_options(model) -> dict:
+    """A new ``transformer_options`` dict for one UNet call.
+
+    Never the UNet's own default: core's UNet writes into the dict it gets (block indices, shapes), and
+    its default is one dict shared by every call. The MODEL's patches, wrappers and hooks are left out
+    on purpose (``ignored_model_options``); only core's dynamic-VRAM prefetch flag goes in, as core's
+    ``apply_model`` sets it.
+    """
+    return {"prefetch_dynamic_vbars": True} if is_dynamic(model) else {}
+
+
+# The MODEL options that generation nodes add and DMP does not apply (see ``ignored_model_options``).
+SAMPLER_MODEL_OPTIONS = ("model_function_wrapper", "sampler_cfg_function", "sampler_post_cfg_function",
+                         "sampler_pre_cfg_function", "sampler_calc_cond_batch_function", "denoise_mask_function")
+TRANSFORMER_PATCH_OPTIONS = ("patches", "patches_replace", "wrappers", "callbacks")
+
+
+def ignored_model_options(model) -> list[str]:
+    """What a MODEL carries besides weights that DMP leaves out: attention and block patches, wrappers,
+    hooks and sampler functions (from IPAdapter, PAG, FreeU, hypernetwork, sampling-shift nodes...).
+
+    DMP's adapters were trained on the plain SD 1.x UNet, and these change what it computes for image
+    generation; they also expect core's sampler around them (sigmas, cond/uncond rows in their options),
+    which DMP's sampler is not. So DMP calls the bare UNet, and says what it left out.
+    """
+    options = getattr(model, "model_options", {}) or {}
+    transformer = options.get("transformer_options", {}) or {}
+    found = [name for name in SAMPLER_MODEL_OPTIONS if options.get(name) is not None]
+    found += [f"transformer_options[{name!r}]" for name in TRANSFORMER_PATCH_OPTIONS if transformer.get(name)]
+    for attribute in ("wrappers", "callbacks", "hook_patches"):
+        if getattr(model, attribute, None):
+            found.append(attribute)
+    return found
+
+
+def weight_patch_count(model) -> int:
+    """How many weights of a MODEL carry patches already (a LoRA chained before Load DMP Adapter)."""
+    return sum(1 for patches in (getattr(model, "patches", None) or {}).values() if patches)
+
+
+def check_finite(values: torch.Tensor, stage: str, advice: str) -> torch.Tensor:
+    """`values`, or a RuntimeError naming the stage when they hold NaN or infinity (a black or garbage map
+    otherwise)."""
+    if not bool(torch.isfinite(values).all()):
+        raise RuntimeError(f"DMP: the {stage} gave NaN or infinite values, so the prediction would be black or "
+                           f"garbage. {advice}")
+    return values
+
+
+UNET_ADVICE = ("Try ComfyUI's --disable-dynamic-vram (newer cores), or load the model in fp32 (--force-fp32) or "
+               "bf16; check that the checkpoint and adapter are not corrupt.")
+VAE_ADVICE = ("Try an fp32 VAE (ComfyUI's --fp32-vae), or --disable-dynamic-vram on newer cores (a known core "
+              "issue decodes NaN on warm models).")
+
+
 def load_for_sampling(model, latent_shape: tuple[int, ...]) -> torch.device:
     """Let ComfyUI load (and patch) `model` for UNet batches of `latent_shape`, freeing others as needed;
     low-VRAM partial loading applies as in core's samplers. Returns the device to compute on."""
     _require()
-    model_management.load_models_gpu([model], memory_required=model.model.memory_required(latent_shape))
+    # The patcher's estimate where it has one (newer dynamic patchers add their own margin to the model's).
+    estimate = getattr(model, "memory_required", None) or model.model.memory_required
+    model_management.load_models_gpu([model], memory_required=estimate(latent_shape))
     return model.load_device
 
 
@@ -227,19 +320,21 @@ def call_unet(model, x: torch.Tensor, t: int, context: torch.Tensor) -> torch.Te
     ComfyUI's ``apply_model`` would turn the output into a denoised estimate under its own sampling
     (sigmas); DMP's sampler needs the output itself, so the diffusion model is called directly, the
     way ``apply_model`` calls it: inputs in the compute dtype (the manual-cast dtype for fp8
-    weights), float timesteps, output as float32.
+    weights), float timesteps, a transformer_options dict of its own, output as float32.
     """
     base = model.model
-    dtype = base.manual_cast_dtype if getattr(base, "manual_cast_dtype", None) is not None else base.get_dtype()
-    device = model.load_device
+    dtype, device = compute_dtype(base), model.load_device
     timesteps = torch.full((x.shape[0],), float(t), device=device)
-    output = base.diffusion_model(x.to(device, dtype), timesteps, context=context.to(device, dtype))
-    return output.float()
+    with device_context(device):
+        output = base.diffusion_model(x.to(device, dtype), timesteps, context=context.to(device, dtype),
+                                      transformer_options=unet_options(model))
+    return check_finite(output.float(), f"UNet (step at t={t})", UNET_ADVICE)
 
 
 def vae_encode(vae, pixels: torch.Tensor) -> torch.Tensor:
     """ComfyUI's VAE encode (deterministic: the distribution's mode) of pixels [b, 3, H, W] in [-1, 1]."""
-    return vae.encode(((pixels + 1) / 2).movedim(1, -1))
+    latents = vae.encode(((pixels + 1) / 2).movedim(1, -1)).float()
+    return check_finite(latents, "VAE encoder", VAE_ADVICE)
 
 
 def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
@@ -247,26 +342,30 @@ def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
 
     ``VAE.decode`` clamps its IMAGE to [0, 1], but DMP's task codecs read the decoder's own output
     (depth beyond the target scale, unclamped normals), so the decoder is called here as ``VAE.decode``
-    calls it. Out of memory, the batch is halved; a single image falls back to ComfyUI's tiled decode
-    (whose output is clamped: logged).
+    calls it. Out of memory (whatever the core counts as such), the batch is halved; a single image
+    falls back to ComfyUI's tiled decode (whose output is clamped: logged).
     """
     _require()
     memory = vae.memory_used_decode(latents.shape, vae.vae_dtype)
     model_management.load_models_gpu([vae.patcher], memory_required=memory,
                                      force_full_load=getattr(vae, "disable_offload", False))
+    decoded = None
     try:
-        with torch.no_grad():
+        with torch.no_grad(), device_context(vae.device):
             decoded = vae.first_stage_model.decode(latents.to(vae.device, vae.vae_dtype))
-        return decoded.to(vae.output_device).float()
-    except model_management.OOM_EXCEPTION:
-        decoded = None  # the exception holds the failed batch's tensors until this block ends
-    model_management.soft_empty_cache(True)
+    except Exception as error:  # whatever the core counts as out of memory; anything else goes on up
+        if not is_out_of_memory(error):
+            raise
+    if decoded is not None:
+        return check_finite(decoded.to(vae.output_device).float(), "VAE decoder", VAE_ADVICE)
+    model_management.soft_empty_cache(True)  # the failed batch's tensors were freed with the exception
     if latents.shape[0] > 1:
         half = latents.shape[0] // 2
         return torch.cat([vae_decode(vae, latents[:half]), vae_decode(vae, latents[half:])])
     logger.warning("DMP: out of memory decoding one image; using ComfyUI's tiled VAE decode, which clamps the "
                    "decoded values (depth beyond the adapter's target scale is cut)")
-    return vae.decode_tiled(latents).movedim(-1, 1) * 2 - 1
+    decoded = vae.decode_tiled(latents).movedim(-1, 1).float() * 2 - 1
+    return check_finite(decoded, "VAE decoder (tiled)", VAE_ADVICE)
 
 
 def clip_encode(clip, text: str) -> torch.Tensor:
@@ -295,10 +394,17 @@ def soft_empty_cache() -> None:
     model_management.soft_empty_cache()
 
 
+def execution_blocker():
+    """Core's ExecutionBlocker class, or None in a core without it."""
+    for module in EXECUTION_BLOCKER_MODULES:
+        try:
+            return importlib.import_module(module).ExecutionBlocker
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
 def blocked(message: str):
     """An output that stops the nodes using it with `message` (None in ComfyUI versions without it)."""
-    try:
-        from comfy_execution.graph_utils import ExecutionBlocker
-    except ModuleNotFoundError:
-        return None
-    return ExecutionBlocker(message)
+    blocker = execution_blocker()
+    return blocker(message) if blocker is not None else None

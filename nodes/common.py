@@ -16,11 +16,17 @@ PREDICTION_TOOLTIP = "A DMP_PREDICTION from DMP Predict or DMP Predict Tasks."
 
 
 def images_in(image: torch.Tensor) -> torch.Tensor:
-    """ComfyUI IMAGE [B, H, W, C] in [0, 1] -> dmp_model's [B, C, H, W]."""
+    """ComfyUI IMAGE [B, H, W, C] in [0, 1] -> dmp_model's [B, C, H, W], float32 on the CPU.
+
+    Cores may hand IMAGE batches over in fp16 (``--fp16-intermediates``) or on the GPU (``--gpu-only``);
+    the engine takes them as it takes any image, and moves them to the model's device itself.
+    """
     if not isinstance(image, torch.Tensor) or image.ndim != 4:
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"image must be a ComfyUI IMAGE batch [B, H, W, C], got {shape}")
-    return image.movedim(-1, 1)
+    if not image.is_floating_point():
+        raise ValueError(f"image must be a ComfyUI IMAGE of floats in [0, 1], got dtype {image.dtype}")
+    return image.detach().to("cpu", torch.float32).movedim(-1, 1)
 
 
 def image_out(images: torch.Tensor) -> torch.Tensor:

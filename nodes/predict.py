@@ -21,6 +21,10 @@ OUTPUT_TASKS = ("depth", "normal", "segmentation", "albedo", "shading")
 # previews and maps on one colour range, so that they do not flicker).
 BATCH_KINDS = ("images", "video")
 
+# Core's flag for tuning widgets most users never touch: newer frontends fold them away (older ones ignore it).
+# Input names and widget order stay as they were, so saved workflows keep loading.
+ADVANCED = {"advanced": True}
+
 # Leading spacing's first timestep is (steps - 1) * (1000 // steps) + 1: 1000 steps would start past
 # t = 999, which the engine refuses; 999 is the most either spacing allows.
 MAX_STEPS = 999
@@ -77,14 +81,15 @@ def _settings_inputs() -> dict:
     """Sampler and processing widgets shared by both prediction nodes."""
     return {
         "steps": ("INT", {"default": DEFAULTS.steps, "min": 1, "max": MAX_STEPS, "tooltip": _TIPS["steps"]}),
-        "sampler": (list(SAMPLERS), {"default": DEFAULTS.sampler, "tooltip": _TIPS["sampler"]}),
-        "spacing": (list(SPACINGS), {"default": DEFAULTS.spacing, "tooltip": _TIPS["spacing"]}),
+        "sampler": (list(SAMPLERS), {"default": DEFAULTS.sampler, "tooltip": _TIPS["sampler"], **ADVANCED}),
+        "spacing": (list(SPACINGS), {"default": DEFAULTS.spacing, "tooltip": _TIPS["spacing"], **ADVANCED}),
         "processing_resolution": ("INT", {"default": DEFAULTS.processing_resolution, "min": 0, "max": 4096,
                                           "step": 8, "tooltip": _TIPS["processing_resolution"]}),
-        "batch_size": ("INT", {"default": DEFAULTS.batch_size, "min": 1, "max": 64, "tooltip": _TIPS["batch_size"]}),
+        "batch_size": ("INT", {"default": DEFAULTS.batch_size, "min": 1, "max": 64, "tooltip": _TIPS["batch_size"],
+                               **ADVANCED}),
         "batch_kind": (list(BATCH_KINDS), {"default": "images", "tooltip": _TIPS["batch_kind"]}),
         "temporal_alignment": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
-                                         "tooltip": _TIPS["temporal_alignment"]}),
+                                         "tooltip": _TIPS["temporal_alignment"], **ADVANCED}),
     }
 
 
@@ -94,12 +99,12 @@ def _optional_inputs() -> dict:
         "prompt": ("STRING", {"default": "", "multiline": True, "tooltip": _TIPS["prompt"]}),
         "conditioning": ("CONDITIONING", {"tooltip": _TIPS["conditioning"]}),
         "guidance_scale": ("FLOAT", {"default": DEFAULT_GUIDANCE, "min": 1.0, "max": 20.0, "step": 0.1,
-                                     "tooltip": _TIPS["guidance_scale"]}),
+                                     "tooltip": _TIPS["guidance_scale"], **ADVANCED}),
         "tile": ("BOOLEAN", {"default": DEFAULTS.tile, "tooltip": _TIPS["tile"]}),
         "tile_size": ("INT", {"default": DEFAULTS.tile_size, "min": 0, "max": 8192, "step": 8,
-                              "tooltip": _TIPS["tile_size"]}),
+                              "tooltip": _TIPS["tile_size"], **ADVANCED}),
         "tile_overlap": ("FLOAT", {"default": DEFAULTS.tile_overlap, "min": 0.05, "max": 0.5, "step": 0.05,
-                                   "tooltip": _TIPS["tile_overlap"]}),
+                                   "tooltip": _TIPS["tile_overlap"], **ADVANCED}),
         "ensemble": (list(ENSEMBLES), {"default": DEFAULTS.ensemble, "tooltip": _TIPS["ensemble"]}),
     }
 

@@ -95,6 +95,22 @@ with torch.inference_mode():
     out["works_after_interrupt"] = after.task == "normal"
     blocked = mappings["DMPPredictTasks"]().predict(dmp_model, vae, clip, images, **settings)[2]
 out["blocked"] = [type(blocked).__name__, blocked.message]
+# Core's UNet writes into the transformer_options it gets; DMP passes its own, so the defaults stay empty.
+unet_class = type(model.model.diffusion_model)
+out["default_options"] = [repr(inspect.signature(getattr(unet_class, f)).parameters["transformer_options"].default)
+                          for f in ("forward", "_forward") if hasattr(unet_class, f)]
+out["get_models"] = all(m is a.model for m, a in zip(dmp_model.get_models(), dmp_model.adapters))
+# A style LoRA chained before Load DMP Adapter (core's own LoRA loading): DMP warns that it changes predictions.
+import logging, comfy.sd, comfy.utils
+records = []
+handler = logging.Handler()
+handler.emit = records.append
+logging.getLogger().addHandler(handler)
+style = comfy.utils.load_torch_file(folder_paths.get_full_path("dmp", names["normal"]), safe_load=True)
+chained = comfy.sd.load_lora_for_models(model, clip, style, 0.5, 0.0)[0]
+loader.load(chained, names["depth"], 1.0)
+logging.getLogger().removeHandler(handler)
+out["chained_warning"] = [r.getMessage() for r in records if "weight patches" in r.getMessage()]
 core = {}
 for name in names["core"]:
     cls = mappings[name]
@@ -142,6 +158,16 @@ def test_adapters_patch_core_models_and_comfyui_manages_their_memory(result):
     assert result["managed"] and result["unloaded"]
     assert result["same_after_reload_and_switch"], result["reload_max_diff"]  # see SCRIPT: exact by construction
     assert result["normal_differs"]
+
+
+def test_the_unets_default_options_stay_untouched_and_core_sees_the_clones(result):
+    assert result["default_options"] and set(result["default_options"]) == {"{}"}
+    assert result["get_models"]
+
+
+def test_a_lora_chained_before_the_adapter_is_warned_about_in_comfyui(result):
+    (message,) = result["chained_warning"]
+    assert "weight patches on 128 weights" in message and "checkpoint loader's MODEL" in message
 
 
 def test_comfyui_interrupt_and_blocked_outputs(result):

@@ -233,3 +233,30 @@ def test_every_steps_value_offered_runs_with_every_spacing(pack, node_id):
     for spacing in required["spacing"][0]:
         for value in (steps["min"], steps["default"], steps["max"]):
             pack.dmp_model.PredictOptions(steps=value, spacing=spacing)  # raises on a value it refuses
+
+
+# The tuning widgets most users never touch: folded away by newer frontends ("advanced"), still in place.
+ADVANCED_WIDGETS = {"sampler", "spacing", "batch_size", "temporal_alignment", "guidance_scale", "tile_size",
+                    "tile_overlap"}
+
+
+@pytest.mark.parametrize("node_id", ["DMPPredict", "DMPPredictTasks"])
+def test_tuning_widgets_are_advanced_and_the_others_are_not(pack, node_id):
+    inputs = pack.NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()
+    flagged = {name for group in inputs.values() for name, spec in group.items()
+               if len(spec) > 1 and spec[1].get("advanced") is True}
+    assert flagged == ADVANCED_WIDGETS
+
+
+def test_the_pack_is_ready_for_the_comfy_registry():
+    """What `comfy node validate` and the Registry read: a three-part requires-comfyui, an icon, the
+    repository; `comfy node pack` leaves out tests and benchmarks (.comfyignore)."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    comfy = project["tool"]["comfy"]
+    assert re.fullmatch(r">=\d+\.\d+\.\d+", comfy["requires-comfyui"])  # comfy-cli drops anything else
+    assert comfy["PublisherId"] and comfy["Icon"].startswith("https://") and comfy["Icon"].endswith(".svg")
+    assert (ROOT / "docs" / Path(comfy["Icon"]).name).is_file()  # the icon the URL serves is in the repository
+    assert project["project"]["urls"]["Repository"].startswith("https://github.com/")
+    ignored = {line.strip() for line in (ROOT / ".comfyignore").read_text(encoding="utf-8").splitlines()}
+    assert {"tests/", "benchmarks/"} <= ignored

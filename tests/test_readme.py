@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
+import os
 import re
+import subprocess
+import sys
 
 from conftest import ROOT
 
@@ -23,7 +24,11 @@ def test_readme_runnable_example_prints_what_it_promises(tmp_path):
     # The example writes to /tmp; keep this run's files in its own folder.
     code = code.replace('"/tmp/', f'"{tmp_path.as_posix()}/')
     assert "/tmp/" not in code.replace(tmp_path.as_posix(), "")
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
-    assert printed.getvalue().strip() == promised
+    script = tmp_path / "readme_example.py"
+    script.write_text(code, encoding="utf-8")
+    # Run as a user runs it: a fresh interpreter with the repository importable, offline.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == promised

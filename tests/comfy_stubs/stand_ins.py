@@ -1,6 +1,7 @@
 """Stand-ins for ComfyUI's own modules (folder_paths, comfy.model_management, comfy.utils, comfy.lora,
 comfy_execution.graph_utils), and loading the pack the way ComfyUI does. Its MODEL, VAE and CLIP
-objects are in ``core_models``.
+objects are in ``core_models``. They have the surfaces of ComfyUI 0.3.64; tests of newer cores add
+the newer surfaces (``is_oom``, ``cuda_device_context``, ...) where they need them.
 
 Only ComfyUI's modules are stood in for, never the pack's code: the pack is imported from its
 folder by path, under a module name that is not a valid identifier, like ComfyUI's
@@ -32,6 +33,7 @@ class Calls:
     progress: list[tuple[int, int]] = field(default_factory=list)
     freed: list[tuple[int, torch.device]] = field(default_factory=list)
     loaded: list[list] = field(default_factory=list)
+    memory_required: list[int] = field(default_factory=list)
     emptied: int = 0
     interrupted: bool = False
 
@@ -110,6 +112,7 @@ def _model_management(calls: Calls) -> types.ModuleType:
 
     def load_models_gpu(models, memory_required=0, force_full_load=False, **kwargs):
         calls.loaded.append(list(models))
+        calls.memory_required.append(memory_required)
         for model in models:  # patch the weights of the clone being loaded, as ComfyUI does
             getattr(model, "apply", lambda: None)()
 
