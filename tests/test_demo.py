@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from training import demo
-from training.demo import DemoSettings, Job, check_bars, markdown_table, run_jobs
-from training.prior import PriorSettings
+from training.demo import run as demo
+from training.demo.prior import PriorSettings
+from training.demo.run import DemoSettings, Job, check_bars, markdown_table, run_jobs
 
 
 def _job(name: str, code: str, after: tuple[str, ...] = ()) -> Job:

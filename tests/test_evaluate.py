@@ -20,8 +20,8 @@ from dmp_model.prediction.predict import Prediction, PredictOptions
 from training import evaluate
 from training.cli import main as training_main
 from training.data import DataError
+from training.demo.world import write_dataset
 from training.metrics import TaskMetrics, best_constant
-from training.world import write_dataset
 
 DEPTH_INFO = AdapterInfo(task="depth", target_scale=8.0)
 

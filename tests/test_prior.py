@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import prior as priors
-from training.prior import PriorSettings
+from training.demo import prior as priors
+from training.demo.prior import PriorSettings
 
 # A prior that builds in a few seconds: 32 px images, a handful of steps.
 TINY = PriorSettings(size=32, images=10, label_maps=2, vae_steps=3, vae_batch=4, unet_width=32, unet_steps=3,

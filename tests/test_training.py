@@ -22,6 +22,7 @@ from dmp_model.io.weight_files import read_state_dict
 from dmp_model.sampling import schedule_from_config
 from training import TrainConfig, train
 from training.data import adapter_info
+from training.demo.world import write_dataset
 from training.metrics import TaskMetrics
 from training.resume import list_checkpoints, load_checkpoint, recover_interrupted, save_checkpoint
 from training.trainer import (
@@ -34,7 +35,6 @@ from training.trainer import (
     load_validation,
     validate,
 )
-from training.world import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -90,7 +90,7 @@ def render_prior_data(settings: PriorSettings) -> tuple[torch.Tensor, torch.Tens
     """
     from dmp_model.tasks.normals import rgb_to_normals
 
-    from .data import encode_raw_target
+    from ..data import encode_raw_target
 
     images = []
     for index in range(PRIOR_START, PRIOR_START + settings.images):
@@ -172,7 +172,7 @@ def empty_context(text_encoder) -> torch.Tensor:
 @torch.no_grad()
 def image_latents(vae, pixels: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std [2N, 4, h, w] of the latent distributions of pixels and of their mirror images."""
-    from .trainer import latent_moments
+    from ..trainer import latent_moments
 
     both = torch.cat([pixels, pixels.flip(-1)])
     moments = [latent_moments(vae, both[i:i + batch]) for i in range(0, len(both), batch)]
@@ -189,7 +189,7 @@ def pretrain_unet(unet, latents: tuple[torch.Tensor, torch.Tensor], context: tor
     "v_prediction") is the diffusion model's. AdamW, linear warm-up,
     cosine decay; t uniform over SD's 1000 steps.
     """
-    from .trainer import dmp_loss, sample_latents
+    from ..trainer import dmp_loss, sample_latents
 
     mean, std = latents
     alphas_cumprod = sd_alphas_cumprod()
@@ -447,11 +447,11 @@ def settings_from_dict(values: dict) -> PriorSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m training.prior --staging DIR --cache-dir DIR --settings FILE``: the UNet stage of a
+    """``python -m training.demo.prior --staging DIR --cache-dir DIR --settings FILE``: the UNet stage of a
     prior whose VAE stage is done (``dmp demo`` runs it beside other work, in its own process)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m training.prior", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m training.demo.prior", description=main.__doc__)
     parser.add_argument("--staging", required=True, help="folder written by the VAE stage")
     parser.add_argument("--cache-dir", required=True, help="where the finished prior is published")
     parser.add_argument("--settings", required=True, help="JSON file of PriorSettings")

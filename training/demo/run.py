@@ -3,10 +3,10 @@
 DMP's claim (CVPR 2024): a pre-trained diffusion prior lets a small set of labels from one domain
 (bedrooms) generalise to other images. The demo reproduces it with the project's own code:
 
-1. Render labelled "bedrooms" scenes (``training.world``) for training, held-out bedrooms (in
+1. Render labelled "bedrooms" scenes (``training.demo.world``) for training, held-out bedrooms (in
    domain) and held-out scenes of the other styles (out of domain: other textures, colours,
    object kinds, lighting and camera poses).
-2. The prior (``training.prior``): the tiny SD-shaped VAE and UNet pre-trained on unlabelled world
+2. The prior (``training.demo.prior``): the tiny SD-shaped VAE and UNet pre-trained on unlabelled world
    images of every style, the UNet as a text-free diffusion model; built once and cached.
 3. Train depth and normal adapters with ``dmp train`` itself (``python -m training train
    --config``), in two processes at a time, three ways on the same labels, steps and settings:
@@ -41,10 +41,10 @@ import torch.nn.functional as F
 from dmp_model.io.writers import atomic_path
 from dmp_model.tasks.codecs import DEPTH_TARGET_SCALE
 
+from ..config import TrainConfig
+from ..data import read_normals
+from ..metrics import TaskMetrics, best_constant_depth_map, constant_depth_abs_rel
 from . import prior as priors
-from .config import TrainConfig
-from .data import read_normals
-from .metrics import TaskMetrics, best_constant_depth_map, constant_depth_abs_rel
 from .world import IN_DOMAIN_STYLE, NORMAL_CONVENTION, STYLES, write_dataset
 
 logger = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def prepare_prior(out: Path, settings: DemoSettings, cache_dir: Path) -> tuple[P
         raise
     settings_file = out / "logs" / "prior_settings.json"
     settings_file.write_text(json.dumps(asdict(prior_settings)), encoding="utf-8")
-    job = Job("prior_unet", [sys.executable, "-m", "training.prior", "--staging", str(staging),
+    job = Job("prior_unet", [sys.executable, "-m", "training.demo.prior", "--staging", str(staging),
                              "--cache-dir", str(cache_dir), "--settings", str(settings_file)])
     return slot / priors.BASE_FOLDER, {"cached": False, "rebuilt_because": problem, **stats}, [job]
 
@@ -213,7 +213,7 @@ def training_jobs(out: Path, settings: DemoSettings, prior_base: Path, prior_job
 def run_jobs(jobs: list[Job], workers: int, log_dir: Path) -> dict[str, float]:
     """Run the jobs, at most `workers` at once (one thread each), in list order as their dependencies
     allow; returns seconds per job. A failed job stops the others and raises with its log's tail."""
-    package_root = str(Path(__file__).resolve().parents[1])
+    package_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     pending, running, seconds = list(jobs), {}, {}
@@ -293,7 +293,7 @@ def load_run(out: Path, run: str, prior_base: Path, tasks: tuple[str, ...] = TAS
 def _full_model(model, out: Path, run_dir: Path, load_file):
     from dmp_model import DMPModel
 
-    from .trainer import FULL_UNET_FOLDER
+    from ..trainer import FULL_UNET_FOLDER
 
     model = model or DMPModel.from_pretrained(out / "base-random", device="cpu", precision="fp32")
     model.unet.load_state_dict(load_file(run_dir / FULL_UNET_FOLDER / "diffusion_pytorch_model.safetensors"))
