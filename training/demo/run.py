@@ -44,8 +44,9 @@ from dmp_model.tasks.codecs import DEPTH_TARGET_SCALE
 from ..config import TrainConfig
 from ..data import read_normals
 from ..metrics import TaskMetrics, best_constant_depth_map, constant_depth_abs_rel
+from ..trainer import FULL_UNET_FOLDER
 from . import prior as priors
-from .world import IN_DOMAIN_STYLE, NORMAL_CONVENTION, STYLES, write_dataset
+from .world import IN_DOMAIN_STYLE, NORMAL_CONVENTION, STYLES, scene_style, write_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -263,8 +264,6 @@ def load_held_out(folder: Path, names: list[str], style: str | tuple[str, ...]) 
     """A held-out set written by ``write_dataset`` (normals in the world's NORMAL_CONVENTION)."""
     from dmp_model.images import load_image
 
-    from .world import scene_style
-
     return HeldOut(torch.stack([load_image(folder / "images" / f"{n}.png") for n in names]),
                    torch.stack([torch.from_numpy(np.load(folder / "depth" / f"{n}.npy")) for n in names]),
                    torch.stack([read_normals(folder / "normal" / f"{n}.png", NORMAL_CONVENTION, NORMAL_CONVENTION)
@@ -292,8 +291,6 @@ def load_run(out: Path, run: str, prior_base: Path, tasks: tuple[str, ...] = TAS
 
 def _full_model(model, out: Path, run_dir: Path, load_file):
     from dmp_model import DMPModel
-
-    from ..trainer import FULL_UNET_FOLDER
 
     model = model or DMPModel.from_pretrained(out / "base-random", device="cpu", precision="fp32")
     model.unet.load_state_dict(load_file(run_dir / FULL_UNET_FOLDER / "diffusion_pytorch_model.safetensors"))
