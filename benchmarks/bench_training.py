@@ -62,7 +62,8 @@ def run(shape: str, variant: str, steps: int, threads: int, queue) -> None:
     from diffusers import DDPMScheduler
 
     from training.config import TrainConfig
-    from training.trainer import add_lora, dmp_loss, latent_moments, sample_latents
+    from training.objective import dmp_loss, latent_moments, sample_latents
+    from training.trainer import add_lora
 
     torch.set_num_threads(threads)
     unet, vae, context, alphas, scheduler_config = build(shape)

@@ -8,7 +8,7 @@
    warm-up) above the resident memory before it, less the results (raw values and visuals). Runs
    interleave (16, 256, 16, 256, ...). ``--old-engine DIR`` runs the same in a copy of an older
    dmp_model (e.g. ``git archive <commit> dmp_model | tar -x -C DIR``) for comparison.
-2. Alignment: the miniature world's rooms (training/world.py) with the camera turning by 0 to 2
+2. Alignment: the miniature world's rooms (training/demo/world.py) with the camera turning by 0 to 2
    degrees per frame (about 0 to 2 px at 64 px); a stand-in predictor scales each frame's true depth
    by its own random factor (log-normal, 10 %) with 2 % pixel noise. Reported per setting: the
    mean |change of log-scale| between consecutive frames (flicker), and |log-scale of the last frame
@@ -141,7 +141,7 @@ def _spread(values) -> str:
 
 def world_clip(seed: int, frames: int, degrees_per_frame: float, size: int = 64) -> torch.Tensor:
     """True depth [frames, size, size] of a miniature-world room, the camera turning right."""
-    from training.world import random_scene, render
+    from training.demo.world import random_scene, render
 
     scene = random_scene(seed, 3)
     views = []

@@ -201,6 +201,20 @@ def test_no_import_cycles_among_the_package_modules(package):
     assert find_cycle(graph) is None, f"{package} modules import each other in a cycle: {find_cycle(graph)}"
 
 
+
+def test_the_demo_sits_on_the_trainer_and_only_the_commands_reach_it():
+    """training/demo/ uses the trainer, never the other way round: outside the demo only the command line
+    (cli.py, __main__.py) imports it; the demo's prior shares the objective module with the trainer."""
+    graph = import_graph(ROOT, "training")
+    commands = {"training.cli", "training.__main__"}
+    upward = sorted((module, target) for module, targets in graph.items()
+                    if module.split(".")[:2] != ["training", "demo"] and module not in commands
+                    for target in targets if target.split(".")[:2] == ["training", "demo"])
+    assert upward == [], f"imports of the demo from below it: {upward}"
+    assert "training.demo" in graph["training.cli"]  # the graph sees the imports
+    assert "training.objective" in graph["training.demo.prior"] and "training.objective" in graph["training.trainer"]
+    assert "training.trainer" not in graph["training.demo.prior"]
+
 # The engine's layers, lowest first (a folder or a top-level module each): a module imports its own layer
 # and the layers below it only. The package's public API (dmp_model/__init__.py, __main__.py) sits on top.
 LAYERS = ("options", "io", "images", "sampling", "tasks", "adapters", "prediction", "sd", "cli")

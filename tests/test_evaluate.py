@@ -20,8 +20,8 @@ from dmp_model.prediction.predict import Prediction, PredictOptions
 from training import evaluate
 from training.cli import main as training_main
 from training.data import DataError
+from training.demo.world import write_dataset
 from training.metrics import TaskMetrics, best_constant
-from training.world import write_dataset
 
 DEPTH_INFO = AdapterInfo(task="depth", target_scale=8.0)
 
@@ -195,17 +195,21 @@ def test_dmp_evaluate_on_the_tiny_model(tiny_base, tiny_model, world, tmp_path, 
 
 @pytest.mark.slow
 def test_the_demo_worlds_trained_adapters_beat_the_constant_baseline(tmp_path, caplog, capsys):
-    """A shortened `dmp demo` (about a minute: fewer scenes and steps), then `dmp evaluate` of its
-    depth and normal adapters on the held-out scenes."""
+    """A shortened `dmp demo` (about two minutes: fewer scenes and steps, a smaller prior, no baselines),
+    then `dmp evaluate` of its depth and normal adapters (the LoRAs on the prior) on the held-out scenes."""
     from training.demo import DemoSettings, run_demo
+    from training.demo.prior import PriorSettings
 
-    settings = DemoSettings(train_scenes=96, val_scenes=8, vae_steps=250, depth_steps=120, normal_steps=120)
-    run_demo(tmp_path / "demo", settings)
+    prior = PriorSettings(images=256, label_maps=64, vae_steps=250, unet_steps=100)
+    settings = DemoSettings(train_scenes=96, val_scenes=8, ood_scenes=8, prior=prior, depth_steps=120,
+                            normal_steps=120, baselines=False)
+    summary = run_demo(tmp_path / "demo", settings, cache_dir=tmp_path / "prior-cache")
     world = tmp_path / "demo" / "world" / "val"
     for task, metric in (("depth", "abs_rel"), ("normal", "angular_error_deg")):
-        code, _, log = run_cli(caplog, capsys, "--base", tmp_path / "demo" / "base", "--adapter",
-                               tmp_path / "demo" / task, "--images", world / "images", "--targets", world / task,
-                               "--device", "cpu", "--precision", "fp32", "--processing-resolution", "0",
+        code, _, log = run_cli(caplog, capsys, "--base", summary["prior"]["base"], "--adapter",
+                               tmp_path / "demo" / "runs" / "prior_lora" / task, "--images", world / "images",
+                               "--targets", world / task, "--device", "cpu", "--precision", "fp32",
+                               "--processing-resolution", "0",
                                "--steps", "1", "5", "-o", tmp_path / f"eval-{task}")
         assert code == 0, log
         baseline, *rows = json.loads((tmp_path / f"eval-{task}" / "results.json").read_text())["rows"]

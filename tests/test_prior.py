@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import prior as priors
-from training.prior import PriorSettings
+from training.demo import prior as priors
+from training.demo.prior import PriorSettings
 
 # A prior that builds in a few seconds: 32 px images, a handful of steps.
 TINY = PriorSettings(size=32, images=10, label_maps=2, vae_steps=3, vae_batch=4, unet_width=32, unet_steps=3,
@@ -117,7 +117,7 @@ def test_a_prior_for_another_shape_is_rebuilt(cached, tmp_path):
 def test_diffusion_pretraining_lowers_the_diffusion_loss():
     """The prior's UNet learns to denoise: its loss on held-back latents falls well below the random UNet's."""
     from dmp_model.sd.tiny import build_tiny_components
-    from training.trainer import dmp_loss
+    from training.objective import dmp_loss
 
     settings = replace(TINY, unet_steps=60, unet_batch=8, unet_lr=2e-3, unet_warmup=5)
     unet, _, text_encoder = build_tiny_components(0, unet_width=32, text_width=32)

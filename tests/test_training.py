@@ -22,19 +22,19 @@ from dmp_model.io.weight_files import read_state_dict
 from dmp_model.sampling import schedule_from_config
 from training import TrainConfig, train
 from training.data import adapter_info
+from training.demo.world import write_dataset
 from training.metrics import TaskMetrics
+from training.objective import dmp_loss
 from training.resume import list_checkpoints, load_checkpoint, recover_interrupted, save_checkpoint
 from training.trainer import (
     ADAPTER_FILE,
     ADAPTER_NAME,
     add_lora,
     build_datasets,
-    dmp_loss,
     load_lora_state_dict,
     load_validation,
     validate,
 )
-from training.world import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

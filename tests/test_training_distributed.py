@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from cli_args import train_argv
+from training.demo.world import write_dataset
 from training.resume import list_checkpoints, load_checkpoint
 from training.trainer import ADAPTER_FILE
-from training.world import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,9 +10,9 @@ import torch
 
 from dmp_model import DMPModel
 from training import TrainConfig, train
+from training.demo.world import write_dataset
 from training.resume import list_checkpoints, load_checkpoint
 from training.trainer import ADAPTER_NAME, FULL_UNET_FOLDER, build_datasets, load_validation, validate
-from training.world import write_dataset
 
 
 class Crash(RuntimeError):

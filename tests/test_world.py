@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from training.world import STYLES, WORLD_CLASSES, Camera, random_scene, render, render_images, write_dataset
+from training.demo.world import STYLES, WORLD_CLASSES, Camera, random_scene, render, render_images, write_dataset
 
 
 def _plain_room(**changes):

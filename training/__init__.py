@@ -1,7 +1,7 @@
 """Training DMP task adapters (LoRA on an SD 1.x UNet) with the engine's objective, headless.
 
 ``dmp train`` / ``train(TrainConfig(...))`` for real data; ``dmp demo`` for the miniature world
-(``training.world``), which proves the loop learns on a CPU in minutes. Depends on ``dmp_model``;
+(``training.demo.world``), which proves the loop learns on a CPU in minutes. Depends on ``dmp_model``;
 ``dmp_model`` never imports this package.
 """
 

@@ -101,7 +101,7 @@ def run_demo(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         logger.error("%s", err)
         return 2
-    # The bars' verdict is a result, not an error: it is logged and in metrics.json ("bars", "passed").
+    # Whether the claims hold is a result, not an error: it is logged and in metrics.json ("bars", "passed").
     return 0 if summary else 1
 
 

@@ -3,7 +3,7 @@
     config = TrainConfig(base="sd15/", train_images="data/img", train_targets="data/depth", task="depth")
     result = train(config)                       # -> output_dir/pytorch_lora_weights.safetensors
 
-The objective is DMP's (DMP_METHOD.md, "Training"), built from ``dmp_model.sampling``: x and y are
+The objective is DMP's (``training.objective``, built from ``dmp_model.sampling``): x and y are
 the VAE latents of input and target image (a sample of the latent distribution, times the
 scaling factor 0.18215), t is uniform in [0, 999], a = alphas_cumprod[t],
 z_t = interpolate(y, x, a), and the UNet with its LoRA regresses training_target(y, x, a)
@@ -32,11 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dmp_model.adapters import ADAPTER_FILE, save_adapter  # ADAPTER_FILE: the run folder is a loadable adapter
 from dmp_model.io.writers import atomic_path, write_png8
-from dmp_model.sampling import expand_alpha, interpolate, training_target
 from dmp_model.sd.loading import load_base
 from dmp_model.sd.model import DMPModel
 from dmp_model.tasks.codecs import get_codec
@@ -45,6 +43,7 @@ from . import resume as ckpt
 from .config import TrainConfig, config_differences
 from .data import PairDataset, PlanSampler, SamplePlan, adapter_info, build_datasets, collate, mix_seed
 from .metrics import TaskMetrics
+from .objective import dmp_loss, latent_moments, sample_latents
 from .plot import plot_log
 
 logger = logging.getLogger(__name__)
@@ -151,36 +150,6 @@ def load_lora_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor]) 
     result = set_peft_model_state_dict(unet, state, adapter_name=ADAPTER_NAME)
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"checkpoint LoRA weights not loaded: {result.unexpected_keys[:3]}")
-
-
-@torch.no_grad()
-def latent_moments(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation of the VAE's latent distribution for pixels [B, 3, H, W] in [-1, 1]."""
-    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return dist.mean.float(), dist.std.float()
-
-
-def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator,
-                   scaling_factor: float) -> torch.Tensor:
-    """A sample of the latent distribution, as ``DiagonalGaussianDistribution.sample``, scaled."""
-    noise = torch.randn(mean.shape, generator=generator).to(mean.device)
-    return (mean + std * noise) * scaling_factor
-
-
-def dmp_loss(unet, x: torch.Tensor, y: torch.Tensor, context: torch.Tensor, alphas_cumprod: torch.Tensor,
-             prediction_type: str, generator: torch.Generator, min_timestep: int = 0) -> torch.Tensor:
-    """DMP's objective for latents x (input) and y (target) [B, 4, h, w]: MSE in float32.
-
-    t ~ U{min_timestep..T-1} per sample (DMP: from 0), a = alphas_cumprod[t],
-    z_t = sqrt(a) y + sqrt(1 - a) x, and the UNet regresses ``training_target``
-    (v = sqrt(a) x - sqrt(1 - a) y for v-prediction).
-    """
-    t = torch.randint(min_timestep, alphas_cumprod.shape[0], (x.shape[0],), generator=generator).to(x.device)
-    alpha = expand_alpha(alphas_cumprod, t, x.ndim).to(x.dtype)  # [B, 1, 1, 1]
-    z_t = interpolate(y, x, alpha)
-    target = training_target(prediction_type, y, x, alpha)
-    prediction = unet(z_t, t, encoder_hidden_states=context).sample
-    return F.mse_loss(prediction.float(), target.float())
 
 
 class LatentCache:

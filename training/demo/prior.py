@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from dmp_model.adapters import AdapterInfo
 from dmp_model.tasks.codecs import DEPTH_TARGET_SCALE
 
+from ..data import encode_raw_target
+from ..objective import dmp_loss, latent_moments, sample_latents
 from .world import IN_DOMAIN_STYLE, NORMAL_CONVENTION, STYLES, WORLD_VERSION, random_scene, render, scene_style
 
 logger = logging.getLogger(__name__)
@@ -89,8 +91,6 @@ def render_prior_data(settings: PriorSettings) -> tuple[torch.Tensor, torch.Tens
     N = settings.images and M = settings.label_maps; maps encoded exactly as the trainer's targets.
     """
     from dmp_model.tasks.normals import rgb_to_normals
-
-    from .data import encode_raw_target
 
     images = []
     for index in range(PRIOR_START, PRIOR_START + settings.images):
@@ -172,8 +172,6 @@ def empty_context(text_encoder) -> torch.Tensor:
 @torch.no_grad()
 def image_latents(vae, pixels: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std [2N, 4, h, w] of the latent distributions of pixels and of their mirror images."""
-    from .trainer import latent_moments
-
     both = torch.cat([pixels, pixels.flip(-1)])
     moments = [latent_moments(vae, both[i:i + batch]) for i in range(0, len(both), batch)]
     return torch.cat([m for m, _ in moments]), torch.cat([s for _, s in moments])
@@ -183,14 +181,12 @@ def pretrain_unet(unet, latents: tuple[torch.Tensor, torch.Tensor], context: tor
                   settings: PriorSettings, scaling_factor: float) -> float:
     """Text-free diffusion pre-training of `unet` on image latents; returns the mean loss of the last 20 steps.
 
-    The loss is the trainer's ``dmp_loss`` with Gaussian noise as its "input image": with x = noise
-    and y = the image latent, z_t = sqrt(a) y + sqrt(1 - a) noise is SD's forward process and the
-    target (y itself for "sample", the noise for "epsilon", v = sqrt(a) noise - sqrt(1 - a) y for
-    "v_prediction") is the diffusion model's. AdamW, linear warm-up,
-    cosine decay; t uniform over SD's 1000 steps.
+    The loss is the trainer's ``dmp_loss`` (``training.objective``) with Gaussian noise as its "input
+    image": with x = noise and y = the image latent, z_t = sqrt(a) y + sqrt(1 - a) noise is SD's
+    forward process and the target (y itself for "sample", the noise for "epsilon",
+    v = sqrt(a) noise - sqrt(1 - a) y for "v_prediction") is the diffusion model's. AdamW, linear
+    warm-up, cosine decay; t uniform over SD's 1000 steps.
     """
-    from .trainer import dmp_loss, sample_latents
-
     mean, std = latents
     alphas_cumprod = sd_alphas_cumprod()
     generator = torch.Generator().manual_seed(settings.seed)
@@ -447,11 +443,11 @@ def settings_from_dict(values: dict) -> PriorSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m training.prior --staging DIR --cache-dir DIR --settings FILE``: the UNet stage of a
+    """``python -m training.demo.prior --staging DIR --cache-dir DIR --settings FILE``: the UNet stage of a
     prior whose VAE stage is done (``dmp demo`` runs it beside other work, in its own process)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m training.prior", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m training.demo.prior", description=main.__doc__)
     parser.add_argument("--staging", required=True, help="folder written by the VAE stage")
     parser.add_argument("--cache-dir", required=True, help="where the finished prior is published")
     parser.add_argument("--settings", required=True, help="JSON file of PriorSettings")
