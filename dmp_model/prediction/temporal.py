@@ -16,22 +16,20 @@ cut, or no valid depth) leaves the frame as predicted and restarts the reference
 aligner is stateful: one object per clip and adapter, fed the frames in order in any number of
 calls (the CLI streams a long video chunk by chunk through one aligner).
 
-Why scale only, on the flattest pixels (measured by ``benchmarks/bench_video.py``: the miniature
-world's rooms, the camera turning 0.5 to 2 degrees, about 0.5 to 2 px, per frame, a stand-in predictor
-with 10 % scale jitter, 48 frames). Camera motion moves content between pixels, and a per-pixel fit
-reads part of that motion as a change of scale, which the reference carries on to later frames: a
-slow drift. Fitting only the quarter of pixels where depth varies least around them (where a pixel
-of motion changes depth least; ``FLAT_FRACTION``) cut that drift 4x, 2.7x and 1.5x at 0.5, 1 and 2
-degrees per frame (from a still camera, with fewer points, a small drift doubles: 0.018 against 0.008
-in log-scale over 48 frames). Flat pixels span too narrow a range of depths to tell a scale from a shift, so
-the fit is a scale only; that suits DMP's metric depth, whose zero is the camera. (A scale-and-shift
-fit on all pixels drifted as much as a scale fit on all pixels, 1.1x more.)
+Why scale only, on the flattest pixels. Camera motion moves content between pixels, and a per-pixel
+fit reads part of that motion as a change of scale, which the reference carries on to later frames: a
+slow drift. Fitting only the quarter of pixels where depth varies least around them (where a pixel of
+motion changes depth least; ``FLAT_FRACTION``) cut that drift several-fold on a turning camera
+(``benchmarks/bench_video.py``; the figures are in docs/video.md). Flat pixels span too narrow a range
+of depths to tell a scale from a shift, so the fit is a scale only; that suits DMP's metric depth,
+whose zero is the camera (a scale-and-shift fit on all pixels drifted as much as a scale fit on all
+pixels).
 ``fit="scale_shift"`` (``alignment.fit_scale_shift`` on every valid pixel) remains for relative
 depth that really has a free shift, best from a steady camera.
 
 What it cannot know: a real change of the depths in view (the camera moving toward a wall) looks
 like drift, so with strength 1 a fast-moving clip slowly departs from metric scale, while its
-frame-to-frame flicker still falls (see README). Lower strengths trade flicker for metric fidelity.
+frame-to-frame flicker still falls (docs/video.md). Lower strengths trade flicker for metric fidelity.
 
 Which tasks (``TEMPORAL_TASKS``): depth only.
 - Normals are unit vectors in the camera frame: they have no free scale or shift (any scale is

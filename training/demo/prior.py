@@ -77,7 +77,7 @@ class PriorSettings:
     unet_lr: float = 1e-3
     unet_warmup: int = 40
     # x0-prediction, not SD 1.x's epsilon: the demo's adapters predict the clean target ("sample"), and
-    # LoRAs on an x0-prior beat those on an epsilon-prior out of domain (README, "What was tried").
+    # LoRAs on an x0-prior beat those on an epsilon-prior out of domain (docs/demo.md, what was tried).
     prediction_type: str = "sample"
     threads: int = 2  # the VAE's convolutions use both cores
 
