@@ -598,28 +598,54 @@ def run_checks(server: Server, base: Path, as_shipped: bool = False,
     return report
 
 
-def dump_core_nodes(server: Server, target: Path) -> None:
-    """Refresh tests/comfy_stubs/core_nodes.json from the server (the core nodes the workflows use)."""
+# Core nodes the example workflows do not use yet but whose schema the tests follow (Preview3D: 3D previews).
+ALSO_DUMPED = ("Preview3D",)
+# Combos that list files of the install: the snapshot names the folder instead.
+FILE_COMBOS = {("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
+               ("ControlNetLoader", "control_net_name"): "controlnet", ("LoadImage", "image"): "input",
+               ("LoadVideo", "file"): "input"}
+
+
+def _without_tooltips(inputs: dict) -> dict:
+    """An input dict (and the inputs of DynamicCombo options in it) without tooltips, which change often."""
+    for specs in inputs.values():
+        for spec in specs.values() if isinstance(specs, dict) else ():
+            if len(spec) > 1 and isinstance(spec[1], dict):
+                spec[1].pop("tooltip", None)
+                for option in spec[1].get("options", []):
+                    if isinstance(option, dict) and "inputs" in option:
+                        _without_tooltips(option["inputs"])
+    return inputs
+
+
+def dump_core_nodes(server: Server, comfyui: Path) -> Path:
+    """Write tests/comfy_stubs/core_nodes/<core version>.json from the server: the object_info of the
+    core nodes the workflows use (and ALSO_DUMPED), with where it came from."""
     info = server.get("/object_info")
-    used = sorted({n["type"] for p in WORKFLOWS.glob("*.json") for n in json.loads(p.read_text())["nodes"]}
-                  & {k for k, v in info.items() if not v["python_module"].startswith("custom_nodes")})
-    files = {("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
-             ("ControlNetLoader", "control_net_name"): "controlnet", ("LoadImage", "image"): "input",
-             ("LoadVideo", "file"): "input"}
+    used = {n["type"] for p in WORKFLOWS.glob("*.json") for n in json.loads(p.read_text())["nodes"]} | set(ALSO_DUMPED)
+    core = sorted(used & {k for k, v in info.items() if not v["python_module"].startswith("custom_nodes")})
     nodes = {}
-    for name in used:
+    for name in core:
         keys = ("input", "input_order", "output", "output_name", "name", "category", "output_node")
         entry = {k: info[name][k] for k in keys}
         for specs in entry["input"].values():
             for input_name, spec in specs.items():
-                if (name, input_name) in files:
-                    spec[0] = {"files": files[name, input_name]}
-                if len(spec) > 1 and isinstance(spec[1], dict):
-                    spec[1].pop("tooltip", None)
+                if (name, input_name) in FILE_COMBOS:
+                    spec[0] = {"files": FILE_COMBOS[name, input_name]}
+        _without_tooltips(entry["input"])
         nodes[name] = entry
-    document = json.loads(target.read_text(encoding="utf-8"))
-    document["nodes"] = nodes
+    system = server.get("/system_stats")["system"]
+    commit = subprocess.run(["git", "-C", str(comfyui), "rev-parse", "HEAD"], capture_output=True, text=True)
+    source = {"core": system["comfyui_version"], "commit": commit.stdout.strip() or None,
+              "frontend": system.get("required_frontend_version"), "date": time.strftime("%Y-%m-%d"),
+              "how": "GET /object_info of that ComfyUI server: tests/comfy_e2e.py --dump-core-nodes"}
+    document = {"comment": "object_info of the ComfyUI core nodes used by example_workflows/ (and Preview3D), "
+                           "tooltips removed; combos listing model or input files are replaced by "
+                           "{'files': <folder>}. See README.md here.",
+                "source": source, "nodes": nodes}
+    target = ROOT / "tests" / "comfy_stubs" / "core_nodes" / f"{system['comfyui_version']}.json"
     target.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return target
 
 
 def main(argv=None) -> int:
@@ -637,7 +663,7 @@ def main(argv=None) -> int:
     parser.add_argument("--browser", default=shutil.which("chromium") or shutil.which("chromium-browser"),
                         help="Chromium for the frontend check (skipped without one)")
     parser.add_argument("--dump-core-nodes", action="store_true",
-                        help="also refresh tests/comfy_stubs/core_nodes.json from the server")
+                        help="also write tests/comfy_stubs/core_nodes/<version>.json from the server")
     args = parser.parse_args(argv)
     if args.comfyui is None or not (args.comfyui / "main.py").is_file():
         parser.error("--comfyui must name a ComfyUI checkout (or set COMFYUI_E2E_PATH)")
@@ -649,7 +675,7 @@ def main(argv=None) -> int:
         server.wait_ready()
         server.listen()
         if args.dump_core_nodes:
-            dump_core_nodes(server, ROOT / "tests" / "comfy_stubs" / "core_nodes.json")
+            print(f"wrote {dump_core_nodes(server, args.comfyui)}", flush=True)
         report = run_checks(server, base, args.as_shipped, args.browser)
         print(f"{len(report)} passed, 0 failed")
         return 0
