@@ -12,7 +12,11 @@ Each example workflow is converted from the UI format to the API format with the
 /object_info (and, where Chromium is installed, the result must equal what ComfyUI's own
 frontend makes of the workflow, ``app.graphToPrompt()``), submitted to /prompt and awaited in
 /history; every preview must come back through /view and every saved file must exist.
-Resolutions and sampler steps are lowered for the CPU (--as-shipped keeps them). Then:
+The frontend check runs twice: with the server's own node schemas, and with the newest core's
+(tests/comfy_stubs/core_nodes/newest.json, swapped into the page's /object_info), and each time our
+converter must also read the frontend's own re-save of the workflow. ``--front-end-root`` serves
+another frontend (e.g. the newest comfyui-frontend-package); ``--only-frontend`` stops after that
+check. Resolutions and sampler steps are lowered for the CPU (--as-shipped keeps them). Then:
 
 - the raw depth workflow 1 saves as .npy must equal ``DMPModel.predict`` (the library path, run
   here) on the same checkpoint, adapter, image and settings, to 1e-4 of the depth range;
@@ -68,6 +72,8 @@ EXTRA_ADAPTER = "normal-extra-notext/pytorch_lora_weights.safetensors"
 SD1_CONFIG = ROOT / "dmp_model" / "sd" / "configs" / "sd1"
 # The largest difference allowed between the node path and the library, relative to the depth range.
 PARITY_TOLERANCE = 1e-4
+# Core node schemas of newer cores (tests/comfy_stubs/core_nodes) the frontend check also shows the page.
+NEWER_SNAPSHOTS = ("newest",)
 
 
 # Models ------------------------------------------------------------------------------------------
@@ -192,12 +198,15 @@ def prepare_base(base: Path, cache: Path) -> Path:
 class Server:
     """A ComfyUI server process on 127.0.0.1 and the few API calls the checks need."""
 
-    def __init__(self, comfyui: Path, python: str, base: Path, extra_paths: Path, port: int):
-        self.url = f"http://127.0.0.1:{port}"
+    def __init__(self, comfyui: Path, python: str, base: Path, extra_paths: Path, port: int,
+                 front_end_root: Path | None = None):
+        self.url, self.port = f"http://127.0.0.1:{port}", port
         self.log = open(base / "server.log", "w", encoding="utf-8")
         command = [python, str(comfyui / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                    "--base-directory", str(base), "--extra-model-paths-config", str(extra_paths),
                    "--disable-auto-launch"]
+        if front_end_root is not None:  # another frontend than the one the core's requirements pin
+            command += ["--front-end-root", str(front_end_root)]
         self.process = subprocess.Popen(command, cwd=comfyui, stdout=self.log, stderr=subprocess.STDOUT)
         self.client_id = uuid.uuid4().hex
         self.socket = None
@@ -391,22 +400,52 @@ def check_rejected(server: Server, name: str, prompt: dict, detail: str) -> str:
     return f"ok    {name}: rejected with 'Value not in list' ({detail})"
 
 
-def check_frontend(server: Server, chromium: str, info: dict) -> list[str]:
-    """ComfyUI's own frontend must turn each example into the API prompt our converter makes."""
-    from comfy_stubs.frontend import Frontend, compare
+def check_frontend(server: Server, chromium: str, info: dict, snapshot: str | None = None) -> list[str]:
+    """ComfyUI's own frontend must turn each example into the API prompt our converter makes, and so
+    must our converter the frontend's own save of it (widgets_values_named included, where written).
 
-    frontend = Frontend(chromium, server.url)
+    With `snapshot` (a version in tests/comfy_stubs/core_nodes), the page and the converter see that
+    core's node schemas in place of the server's: the frontend is checked against a newer core's
+    schemas (DynamicCombo, new optional widgets) which this server cannot run.
+    """
+    from comfy_stubs.frontend import Frontend, compare, with_core_snapshot
+    from comfy_stubs.workflow_api import core_node_info, core_snapshot_source
+
+    rewrite = None if snapshot is None else (lambda live: with_core_snapshot(live, core_node_info(snapshot)))
+    info = info if rewrite is None else rewrite(info)
+    frontend = Frontend(chromium, server.url, port=server.port + 1, object_info=rewrite)
     report = []
     try:
+        where = f"frontend {frontend.version}, {'core schemas ' + snapshot if snapshot else 'the server'}"
+        needed = core_snapshot_source(snapshot)["frontend"] if snapshot else None
+        if needed and _version(frontend.version) < _version(needed):
+            # An older frontend does not know the newer input types (it drops DynamicCombo widgets).
+            return [f"skip  {where}: that core pins frontend {needed}; pass --front-end-root"]
         for path in sorted(WORKFLOWS.glob("*.json")):
             workflow = json.loads(path.read_text(encoding="utf-8"))
-            problems = compare(to_api(workflow, info), frontend.api_prompt(workflow), info)
+            theirs = frontend.api_prompt(workflow)
+            problems = compare(to_api(workflow, info), theirs, info)
             if problems:
-                raise AssertionError(f"{path.stem}: the frontend disagrees: {problems}")
-            report.append(f"ok    {path.stem}: the frontend's graphToPrompt() gives the same API prompt")
+                raise AssertionError(f"{path.stem} ({where}): the frontend disagrees: {problems}")
+            resaved = compare(to_api(frontend.saved_workflow(), info), theirs, info)
+            if resaved:
+                raise AssertionError(f"{path.stem} ({where}): the frontend's own save converts otherwise: {resaved}")
+            report.append(f"ok    {path.stem} ({where}): graphToPrompt() gives our API prompt, from the file "
+                          f"and from the frontend's re-save")
+        if frontend.errors:  # e.g. endpoints a newer frontend asks for which this server lacks
+            report.append(f"note  {where}: the page logged {len(frontend.errors)} errors: "
+                          f"{sorted({e.split(chr(10))[0] for e in frontend.errors})}")
     finally:
         frontend.close()
     return report
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """'1.58.1' -> (1, 58, 1); anything unreadable sorts first."""
+    try:
+        return tuple(int(part) for part in text.split("."))
+    except ValueError:
+        return ()
 
 
 def saved_files(base: Path, result: dict, prompt: dict, suffix: str) -> list[Path]:
@@ -535,7 +574,8 @@ def run_checks(server: Server, base: Path, as_shipped: bool = False,
                  for p in sorted(WORKFLOWS.glob("*.json"))}
     report = Report()
     if chromium:
-        report.extend(check_frontend(server, chromium, info))
+        for snapshot in (None, *NEWER_SNAPSHOTS):
+            report.extend(check_frontend(server, chromium, info, snapshot))
     first = workflows["1_depth_normals_to_controlnet"]
     # 1. Every example workflow on full-size SD 1.5 models; workflow 1 against the library; one base load.
     for name, prompt in workflows.items():
@@ -598,28 +638,54 @@ def run_checks(server: Server, base: Path, as_shipped: bool = False,
     return report
 
 
-def dump_core_nodes(server: Server, target: Path) -> None:
-    """Refresh tests/comfy_stubs/core_nodes.json from the server (the core nodes the workflows use)."""
+# Core nodes the example workflows do not use yet but whose schema the tests follow (Preview3D: 3D previews).
+ALSO_DUMPED = ("Preview3D",)
+# Combos that list files of the install: the snapshot names the folder instead.
+FILE_COMBOS = {("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
+               ("ControlNetLoader", "control_net_name"): "controlnet", ("LoadImage", "image"): "input",
+               ("LoadVideo", "file"): "input"}
+
+
+def _without_tooltips(inputs: dict) -> dict:
+    """An input dict (and the inputs of DynamicCombo options in it) without tooltips, which change often."""
+    for specs in inputs.values():
+        for spec in specs.values() if isinstance(specs, dict) else ():
+            if len(spec) > 1 and isinstance(spec[1], dict):
+                spec[1].pop("tooltip", None)
+                for option in spec[1].get("options", []):
+                    if isinstance(option, dict) and "inputs" in option:
+                        _without_tooltips(option["inputs"])
+    return inputs
+
+
+def dump_core_nodes(server: Server, comfyui: Path) -> Path:
+    """Write tests/comfy_stubs/core_nodes/<core version>.json from the server: the object_info of the
+    core nodes the workflows use (and ALSO_DUMPED), with where it came from."""
     info = server.get("/object_info")
-    used = sorted({n["type"] for p in WORKFLOWS.glob("*.json") for n in json.loads(p.read_text())["nodes"]}
-                  & {k for k, v in info.items() if not v["python_module"].startswith("custom_nodes")})
-    files = {("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
-             ("ControlNetLoader", "control_net_name"): "controlnet", ("LoadImage", "image"): "input",
-             ("LoadVideo", "file"): "input"}
+    used = {n["type"] for p in WORKFLOWS.glob("*.json") for n in json.loads(p.read_text())["nodes"]} | set(ALSO_DUMPED)
+    core = sorted(used & {k for k, v in info.items() if not v["python_module"].startswith("custom_nodes")})
     nodes = {}
-    for name in used:
+    for name in core:
         keys = ("input", "input_order", "output", "output_name", "name", "category", "output_node")
         entry = {k: info[name][k] for k in keys}
         for specs in entry["input"].values():
             for input_name, spec in specs.items():
-                if (name, input_name) in files:
-                    spec[0] = {"files": files[name, input_name]}
-                if len(spec) > 1 and isinstance(spec[1], dict):
-                    spec[1].pop("tooltip", None)
+                if (name, input_name) in FILE_COMBOS:
+                    spec[0] = {"files": FILE_COMBOS[name, input_name]}
+        _without_tooltips(entry["input"])
         nodes[name] = entry
-    document = json.loads(target.read_text(encoding="utf-8"))
-    document["nodes"] = nodes
+    system = server.get("/system_stats")["system"]
+    commit = subprocess.run(["git", "-C", str(comfyui), "rev-parse", "HEAD"], capture_output=True, text=True)
+    source = {"core": system["comfyui_version"], "commit": commit.stdout.strip() or None,
+              "frontend": system.get("required_frontend_version"), "date": time.strftime("%Y-%m-%d"),
+              "how": "GET /object_info of that ComfyUI server: tests/comfy_e2e.py --dump-core-nodes"}
+    document = {"comment": "object_info of the ComfyUI core nodes used by example_workflows/ (and Preview3D), "
+                           "tooltips removed; combos listing model or input files are replaced by "
+                           "{'files': <folder>}. See README.md here.",
+                "source": source, "nodes": nodes}
+    target = ROOT / "tests" / "comfy_stubs" / "core_nodes" / f"{system['comfyui_version']}.json"
     target.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return target
 
 
 def main(argv=None) -> int:
@@ -636,22 +702,37 @@ def main(argv=None) -> int:
     parser.add_argument("--as-shipped", action="store_true", help="run the workflows at their own sizes")
     parser.add_argument("--browser", default=shutil.which("chromium") or shutil.which("chromium-browser"),
                         help="Chromium for the frontend check (skipped without one)")
+    parser.add_argument("--front-end-root", type=Path, default=None,
+                        help="serve this frontend (the 'static' folder of a comfyui-frontend-package) instead "
+                             "of the one installed with ComfyUI")
+    parser.add_argument("--only-frontend", action="store_true",
+                        help="run only the frontend check (no workflow is run); needs --browser")
     parser.add_argument("--dump-core-nodes", action="store_true",
-                        help="also refresh tests/comfy_stubs/core_nodes.json from the server")
+                        help="also write tests/comfy_stubs/core_nodes/<version>.json from the server")
     args = parser.parse_args(argv)
     if args.comfyui is None or not (args.comfyui / "main.py").is_file():
         parser.error("--comfyui must name a ComfyUI checkout (or set COMFYUI_E2E_PATH)")
+    if args.front_end_root is not None and not (args.front_end_root / "index.html").is_file():
+        parser.error(f"--front-end-root {args.front_end_root} has no index.html; give the 'static' folder of "
+                     "comfyui_frontend_package (pip install --target DIR comfyui-frontend-package)")
+    if args.only_frontend and not args.browser:
+        parser.error("--only-frontend needs Chromium: pass --browser")
     base = Path(tempfile.mkdtemp(prefix="dmp-comfy-e2e-"))
     server = None
     try:
         extra_paths = prepare_base(base, args.cache)
-        server = Server(args.comfyui.resolve(), args.python, base, extra_paths, args.port)
+        server = Server(args.comfyui.resolve(), args.python, base, extra_paths, args.port, args.front_end_root)
         server.wait_ready()
         server.listen()
         if args.dump_core_nodes:
-            dump_core_nodes(server, ROOT / "tests" / "comfy_stubs" / "core_nodes.json")
-        report = run_checks(server, base, args.as_shipped, args.browser)
-        print(f"{len(report)} passed, 0 failed")
+            print(f"wrote {dump_core_nodes(server, args.comfyui)}", flush=True)
+        if args.only_frontend:
+            report = Report()
+            for snapshot in (None, *NEWER_SNAPSHOTS):
+                report.extend(check_frontend(server, args.browser, server.get("/object_info"), snapshot))
+        else:
+            report = run_checks(server, base, args.as_shipped, args.browser)
+        print(f"{sum(line.startswith('ok') for line in report)} passed, 0 failed")
         return 0
     except AssertionError as err:
         print(f"FAILED {err}\nserver log: {base / 'server.log'}")

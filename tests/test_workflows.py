@@ -10,7 +10,7 @@ import pytest
 
 from comfy_stubs import stand_ins
 from comfy_stubs.model_files import ADAPTER_FILE, ADAPTERS
-from comfy_stubs.workflow_api import FRONTEND_ONLY, core_node_info, object_info_of, to_api, validate
+from comfy_stubs.workflow_api import CORE_SNAPSHOTS, FRONTEND_ONLY, core_node_info, object_info_of, to_api, validate
 
 WORKFLOWS = sorted((stand_ins.PACK_ROOT / "example_workflows").glob("*.json"))
 # The models the workflows name, as a user has them; ComfyUI ships input/example.png.
@@ -19,9 +19,9 @@ CONTROLNET = "control_v11f1p_sd15_depth_fp16.safetensors"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """(node info of the pack's nodes and ComfyUI's core nodes, files by folder) with the
-    workflows' model files in place (empty files: only their names matter here)."""
+def pack_setup(tmp_path_factory):
+    """(node info of the pack's nodes, files by folder, the pack) with the workflows' model files in
+    place (empty files: only their names matter here)."""
     root = tmp_path_factory.mktemp("comfyui")
     for relative in [f"checkpoints/{CHECKPOINT}", f"controlnet/{CONTROLNET}",
                      *(f"dmp/{name}/{ADAPTER_FILE}" for name in ADAPTERS.values())]:
@@ -29,13 +29,21 @@ def setup(tmp_path_factory):
         (root / "models" / relative).touch()
     stand_ins.install(root)
     pack = stand_ins.load_pack()
-    info = {**core_node_info(), **{k: object_info_of(v) for k, v in pack.NODE_CLASS_MAPPINGS.items()}}
+    info = {k: object_info_of(v) for k, v in pack.NODE_CLASS_MAPPINGS.items()}
     folder_paths = sys.modules["folder_paths"]
     files = {"checkpoints": folder_paths.get_filename_list("checkpoints"),
              "controlnet": folder_paths.get_filename_list("controlnet"), "input": ["example.png", "example.mp4"]}
     yield info, files, pack
     stand_ins.unload_pack(pack)
     stand_ins.uninstall()
+
+
+@pytest.fixture(scope="module", params=CORE_SNAPSHOTS)
+def setup(request, pack_setup):
+    """(node info of the pack's nodes and of ComfyUI's core nodes, files by folder, the pack): once
+    with each core's schemas (core_nodes/: 0.3.64 as dumped, the newest as read from its sources)."""
+    pack_info, files, pack = pack_setup
+    return {**core_node_info(request.param), **pack_info}, files, pack
 
 
 def _load(path):
@@ -66,8 +74,7 @@ def test_workflow_converts_to_the_api_format(setup, path):
     sent = [n for n in workflow["nodes"] if n["type"] not in FRONTEND_ONLY]
     assert sorted(prompt, key=int) == sorted((str(n["id"]) for n in sent), key=int)
     for entry in prompt.values():
-        known = entry["class_type"] in pack.NODE_CLASS_MAPPINGS or entry["class_type"] in core_node_info()
-        assert known, entry["class_type"]
+        assert entry["class_type"] in info, entry["class_type"]
         for name, value in entry["inputs"].items():
             if isinstance(value, list):
                 assert value[0] in prompt, f"{entry['class_type']}.{name} links to a node not sent"
@@ -159,9 +166,9 @@ def test_converter_and_validator_catch_broken_workflows(setup):
     base = _load(WORKFLOWS[0])
     predict = next(i for i, n in enumerate(base["nodes"]) if n["type"] == "DMPPredict")
 
-    short = copy.deepcopy(base)
-    short["nodes"][predict]["widgets_values"].pop()
-    with pytest.raises(ValueError, match="no widget value"):
+    short = copy.deepcopy(base)  # a required widget's value missing: the values no longer line up
+    del short["nodes"][predict]["widgets_values"][4:]
+    with pytest.raises(ValueError, match="no widget value for 'processing_resolution'"):
         to_api(short, info)
 
     bad_value = copy.deepcopy(base)

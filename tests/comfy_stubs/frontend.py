@@ -76,13 +76,21 @@ class WebSocket:
 
 
 class Frontend:
-    """Headless Chromium showing ComfyUI at `url`."""
+    """Headless Chromium showing ComfyUI at `url`.
 
-    def __init__(self, chromium: str, url: str, port: int = 9333):
+    Args:
+        chromium: the browser.
+        url: the ComfyUI server.
+        port: Chromium's DevTools port.
+        object_info: if given, a function that rewrites the server's /object_info before the page
+            sees it (to show the frontend another core's node schemas).
+    """
+
+    def __init__(self, chromium: str, url: str, port: int = 9333, object_info=None):
         self.profile = tempfile.mkdtemp(prefix="dmp-chromium-")
         self.process = subprocess.Popen(
             [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}",
-             f"--user-data-dir={self.profile}", url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             f"--user-data-dir={self.profile}", "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -96,21 +104,55 @@ class Frontend:
                 raise TimeoutError("Chromium's DevTools did not answer")
             time.sleep(0.5)
         self.socket = WebSocket(pages[0]["webSocketDebuggerUrl"])
-        self.next_id = 0
+        self.next_id, self.replies, self.object_info = 0, {}, object_info
+        self.errors: list[str] = []  # the page's console errors, uncaught exceptions and failed requests
+        for domain in ("Runtime", "Network"):
+            self.call(f"{domain}.enable")
+        if object_info is not None:
+            self.call("Fetch.enable", {"patterns": [{"urlPattern": "*object_info*", "requestStage": "Response"}]})
+        self.call("Page.navigate", {"url": url})
         self._wait_for_app()
+
+    def call(self, method: str, params: dict | None = None) -> dict:
+        """Send a DevTools command and return its result (events that arrive meanwhile are handled)."""
+        self.next_id += 1
+        message_id = self.next_id
+        self.socket.send(json.dumps({"id": message_id, "method": method, "params": params or {}}))
+        while message_id not in self.replies:
+            message = json.loads(self.socket.receive())
+            if "id" in message:
+                self.replies[message["id"]] = message
+            else:
+                self._on_event(message["method"], message.get("params", {}))
+        reply = self.replies.pop(message_id)
+        if "error" in reply:
+            raise RuntimeError(f"DevTools {method}: {reply['error']}")
+        return reply["result"]
+
+    def _on_event(self, method: str, params: dict) -> None:
+        if method == "Fetch.requestPaused":
+            body = self.call("Fetch.getResponseBody", {"requestId": params["requestId"]})
+            text = base64.b64decode(body["body"]) if body["base64Encoded"] else body["body"].encode()
+            patched = json.dumps(self.object_info(json.loads(text))).encode()
+            self.call("Fetch.fulfillRequest", {
+                "requestId": params["requestId"], "responseCode": 200, "body": base64.b64encode(patched).decode(),
+                "responseHeaders": [{"name": "Content-Type", "value": "application/json"}]})
+        elif method == "Runtime.consoleAPICalled" and params["type"] == "error":
+            self.errors.append("console: " + " ".join(str(a.get("value", a.get("description", "")))
+                                                      for a in params["args"])[:300])
+        elif method == "Runtime.exceptionThrown":
+            details = params["exceptionDetails"]
+            self.errors.append("exception: " + details.get("exception", {}).get("description", details["text"])[:300])
+        elif method == "Network.responseReceived" and params["response"]["status"] >= 400:
+            self.errors.append(f"HTTP {params['response']['status']}: {params['response']['url']}")
 
     def evaluate(self, expression: str):
         """The JSON value of a JavaScript expression (promises awaited)."""
-        self.next_id += 1
-        self.socket.send(json.dumps({"id": self.next_id, "method": "Runtime.evaluate", "params": {
-            "expression": expression, "awaitPromise": True, "returnByValue": True}}))
-        while True:
-            reply = json.loads(self.socket.receive())
-            if reply.get("id") == self.next_id:
-                result = reply["result"]
-                if "exceptionDetails" in result:
-                    raise RuntimeError(f"JavaScript error: {result['exceptionDetails']}")
-                return result["result"].get("value")
+        result = self.call("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
+                                                "returnByValue": True})
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"JavaScript error: {result['exceptionDetails']}")
+        return result["result"].get("value")
 
     def _wait_for_app(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -120,11 +162,21 @@ class Frontend:
             time.sleep(1)
         time.sleep(2)  # node definitions arrive right after the app object
 
+    @property
+    def version(self) -> str:
+        """The frontend's version (comfyui-frontend-package)."""
+        return self.evaluate("window.__COMFYUI_FRONTEND_VERSION__") or "unknown"
+
     def api_prompt(self, workflow: dict) -> dict:
         """What ComfyUI's frontend sends for `workflow`: {id: {class_type, inputs}}."""
         script = ("(async () => { await window.app.loadGraphData(" + json.dumps(workflow) + ");"
                   " const p = await window.app.graphToPrompt(); return JSON.stringify(p.output); })()")
         return json.loads(self.evaluate(script))
+
+    def saved_workflow(self) -> dict:
+        """The loaded graph as the frontend saves it (its own widgets_values, and widgets_values_named
+        where it writes them)."""
+        return json.loads(self.evaluate("JSON.stringify(window.app.graph.serialize())"))
 
     def close(self) -> None:
         self.process.terminate()
@@ -135,10 +187,31 @@ class Frontend:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
+def with_core_snapshot(live: dict, snapshot: dict) -> dict:
+    """The server's /object_info with the core nodes' schemas replaced by a snapshot's (another core
+    version's): names, descriptions and modules stay the live ones, file combos list the live files."""
+    info = dict(live)
+    for name, entry in snapshot.items():
+        entry = json.loads(json.dumps(entry))
+        old = live.get(name, {})
+        for category, specs in entry["input"].items():
+            for input_name, spec in specs.items() if isinstance(specs, dict) else ():
+                if isinstance(spec[0], dict) and "files" in spec[0]:
+                    real = old["input"][category][input_name]
+                    files = real[0] if isinstance(real[0], list) else real[1].get("options", [])
+                    options = spec[1] if len(spec) > 1 else {}
+                    specs[input_name] = (["COMBO", {**options, "options": files}] if "options" in options
+                                         else [files, *spec[1:]])
+        info[name] = {**old, **entry, "output_is_list": [False] * len(entry["output"]),
+                      "output_tooltips": [None] * len(entry["output"])}
+    return info
+
+
 def compare(ours: dict, theirs: dict, node_info: dict) -> list[str]:
     """Differences between our API conversion and the frontend's. Titles are ignored, and so are
     inputs a node does not declare (the frontend adds display widgets, e.g. Preview Any's
-    'preview', which the server ignores)."""
+    'preview', which the server ignores); a dotted input (a DynamicCombo's, 'format.codec') counts as
+    its root's. List values newer frontends wrap as {'__value__': [...]} are unwrapped."""
     problems = []
     for node_id in sorted(set(ours) | set(theirs), key=lambda k: int(k) if k.isdigit() else k):
         a, b = ours.get(node_id), theirs.get(node_id)
@@ -146,7 +219,11 @@ def compare(ours: dict, theirs: dict, node_info: dict) -> list[str]:
             problems.append(f"node {node_id}: only in {'the frontend' if a is None else 'ours'}")
             continue
         declared = {name for specs in node_info[a["class_type"]]["input"].values() for name in specs}
-        sent = {k: v for k, v in b["inputs"].items() if k in declared}
+        sent = {k: _unwrapped(v) for k, v in b["inputs"].items() if k.split(".")[0] in declared}
         if a["class_type"] != b["class_type"] or a["inputs"] != sent:
             problems.append(f"node {node_id} ({a['class_type']}): ours {a['inputs']} != frontend's {sent}")
     return problems
+
+
+def _unwrapped(value):
+    return value["__value__"] if isinstance(value, dict) and set(value) == {"__value__"} else value
