@@ -55,6 +55,13 @@ _DDIM_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end":
                   "trained_betas": None, "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True,
                   "steps_offset": 0, "thresholding": False, "rescale_betas_zero_snr": False}
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+# SD 1.x's scheduler release config, the schedule DMP was trained with (betas scaled_linear 0.00085..0.012 over
+# 1000 steps, steps_offset 1, set_alpha_to_one False, no clipping): the one home of these constants. The base
+# folders the tiny models write and the bases without a scheduler/ folder use it.
+SD1_SCHEDULER_CONFIG = {"_class_name": "DDIMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                        "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+                        "prediction_type": "v_prediction", "set_alpha_to_one": False, "steps_offset": 1,
+                        "timestep_spacing": "leading", "trained_betas": None}
 
 
 def betas_for_schedule(name: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -97,6 +104,11 @@ def schedule_from_config(scheduler_config: dict) -> Schedule:
     final_alpha = torch.tensor(1.0) if config["set_alpha_to_one"] else alphas_cumprod[0].clone()
     return Schedule(alphas_cumprod, final_alpha, int(config["steps_offset"]),
                     float(config["clip_sample_range"]) if config["clip_sample"] else None)
+
+
+def sd1_schedule() -> Schedule:
+    """SD 1.x's schedule (``SD1_SCHEDULER_CONFIG``): alphas_cumprod equal to diffusers' DDIMScheduler's."""
+    return schedule_from_config(SD1_SCHEDULER_CONFIG)
 
 
 def get_timesteps(

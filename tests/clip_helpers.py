@@ -18,8 +18,7 @@ import torch.nn.functional as F
 
 from dmp_model.adapters import AdapterInfo
 from dmp_model.prediction.predict import PredictOptions
-from dmp_model.sampling import schedule_from_config
-from dmp_model.sd.tiny import SCHEDULER_CONFIG_PATH
+from dmp_model.sampling import sd1_schedule
 
 STAND_IN_DEPTH = AdapterInfo(task="depth", prediction_type="sample", target_scale=8.0)
 STAND_IN_NORMAL = AdapterInfo(task="normal", prediction_type="sample")
@@ -32,9 +31,7 @@ class StandInBackend:
     mixes_adapters = False
 
     def __init__(self):
-        import json
-
-        self.schedule = schedule_from_config(json.loads(SCHEDULER_CONFIG_PATH.read_text(encoding="utf-8")))
+        self.schedule = sd1_schedule()
         self.encoded = 0  # images encoded, to check that chunks stream through
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 
 from dmp_model.adapters import AdapterInfo
 from dmp_model.prediction.predict import PredictOptions
-from dmp_model.sampling import schedule_from_config
-from dmp_model.sd.tiny import SCHEDULER_CONFIG_PATH
+from dmp_model.sampling import sd1_schedule
 
 # One step with the "sample" parametrisation and y_hat out: the result is the model's output at z = x.
 PIXEL_OPTIONS = PredictOptions(steps=1, final_output="y_hat", processing_resolution=0)
@@ -32,9 +31,7 @@ class PixelBackend:
     mixes_adapters = False
 
     def __init__(self):
-        import json
-
-        self.schedule = schedule_from_config(json.loads(SCHEDULER_CONFIG_PATH.read_text()))
+        self.schedule = sd1_schedule()
         self.calls: list[int] = []
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
