@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .io.weight_files import read_state_dict
-from .options import check_option
+from .options import check_option, check_real
 from .sampling import PREDICTION_TYPES
 from .tasks.codecs import DEPTH_TARGET_SCALE, TASKS
 from .tasks.normals import NORMAL_CONVENTIONS
@@ -70,8 +70,7 @@ class AdapterInfo:
         check_option("task", self.task, TASKS)
         check_option("prediction_type", self.prediction_type, PREDICTION_TYPES)
         check_option("normal_convention", self.normal_convention, NORMAL_CONVENTIONS)
-        if not (isinstance(self.target_scale, (int, float)) and self.target_scale > 0):
-            raise ValueError(f"target_scale must be a positive number, got {self.target_scale!r}")
+        check_real("target_scale", self.target_scale, 0, low_open=True)
 
 
 def infer_info_from_name(name: str) -> dict:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .options import check_option, option_error
+from .options import check_int, check_option, option_error
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,17 @@ def sd1_schedule() -> Schedule:
     return schedule_from_config(SD1_SCHEDULER_CONFIG)
 
 
+def max_steps(spacing: str, num_train_timesteps: int = 1000, steps_offset: int = 1) -> int:
+    """The most steps a spacing allows: "leading" with more would start past t = T - 1 (T - 1 steps for SD 1.x:
+    1000 would start at t = 1000)."""
+    check_option("spacing", spacing, SPACINGS)
+    if spacing == "trailing":
+        return num_train_timesteps
+    starts_inside = (n for n in range(num_train_timesteps, 0, -1)
+                     if (n - 1) * (num_train_timesteps // n) + steps_offset < num_train_timesteps)
+    return next(starts_inside, 0)
+
+
 def get_timesteps(
     num_steps: int,
     spacing: str = "leading",
@@ -121,22 +132,13 @@ def get_timesteps(
 
     "trailing" starts at t = num_train_timesteps - 1 (999), as single-step predictors use.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int):
-        raise TypeError(f"steps must be an integer, got {num_steps!r} ({type(num_steps).__name__})")
-    if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"steps must be between 1 and {num_train_timesteps}, got {num_steps}")
+    check_int("steps", num_steps, 1, max_steps(spacing, num_train_timesteps, steps_offset))
     if spacing == "leading":
         ratio = num_train_timesteps // num_steps
-        if (num_steps - 1) * ratio + steps_offset >= num_train_timesteps:  # 1000 steps would start at t = 1000
-            raise ValueError(f"steps={num_steps} with leading spacing (offset {steps_offset}) would start past "
-                             f"t = {num_train_timesteps - 1}; use at most {num_train_timesteps - steps_offset} "
-                             "steps, or trailing spacing")
         return [(num_steps - 1 - i) * ratio + steps_offset for i in range(num_steps)]
-    if spacing == "trailing":
-        # Same arithmetic as diffusers' DDIMScheduler (numpy, round half to even).
-        points = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps))
-        return [int(v) - 1 for v in points]
-    raise option_error("spacing", spacing, SPACINGS)
+    # "trailing": the same arithmetic as diffusers' DDIMScheduler (numpy, round half to even).
+    points = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps))
+    return [int(v) - 1 for v in points]
 
 
 def previous_alpha(

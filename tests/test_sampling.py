@@ -11,6 +11,7 @@ from dmp_model.sampling import (
     apply_guidance,
     get_timesteps,
     interpolate,
+    max_steps,
     sample_dmp,
     sd1_schedule,
     split_prediction,
@@ -63,14 +64,15 @@ def test_timesteps_equal_diffusers(spacing, steps):
 
 @pytest.mark.parametrize("bad", [0, -3, 1001])
 def test_steps_out_of_range_raise(bad):
-    with pytest.raises(ValueError, match="steps must be between 1 and 1000"):
-        get_timesteps(bad)
+    with pytest.raises(ValueError, match=rf"steps must be an integer in \[1, 1000\], got {bad}"):
+        get_timesteps(bad, "trailing")
 
 
 def test_1000_leading_steps_would_start_past_the_schedule_and_are_refused():
     """diffusers gives t = 1000 here and then fails indexing alphas_cumprod: refuse up front."""
-    with pytest.raises(ValueError, match="would start past t = 999; use at most 999 steps, or trailing"):
+    with pytest.raises(ValueError, match=r"steps must be an integer in \[1, 999\], got 1000"):
         get_timesteps(1000)
+    assert max_steps("leading") == 999 and max_steps("leading", steps_offset=0) == 1000
     assert get_timesteps(1000, "trailing")[0] == 999 and get_timesteps(1000, "trailing")[-1] == 0
 
 

@@ -92,13 +92,13 @@ def test_scale_shift_fit_removes_a_shift_as_well():
 
 
 def test_bad_settings_and_inputs_are_refused():
-    with pytest.raises(ValueError, match=r"strength must be a number in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"strength must be a finite number in \[0, 1\], got 1.5"):
         TemporalAligner(strength=1.5)
-    with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\), got 1"):
+    with pytest.raises(ValueError, match=r"momentum must be a finite number in \[0, 1\), got 1"):
         TemporalAligner(momentum=1)
     with pytest.raises(ValueError, match=r"fit must be one of \('scale', 'scale_shift'\), got 'affine'"):
         TemporalAligner(fit="affine")
-    with pytest.raises(ValueError, match="temporal alignment strength must be a number"):
+    with pytest.raises(ValueError, match=r"temporal_alignment must be a finite number in \[0, 1\], got -0.1"):
         PredictOptions(temporal_alignment=-0.1)
     with pytest.raises(ValueError, match="visual_range"):
         PredictOptions(visual_range="fixed")

@@ -22,9 +22,19 @@ from typing import Protocol
 import torch
 
 from ..adapters import AdapterInfo
-from ..images import Framing, frame_batch, processing_size, to_image_batch, unframe
-from ..options import check_option
-from ..sampling import FINAL_OUTPUTS, PREDICTION_TYPES, SAMPLERS, Denoiser, Schedule, get_timesteps, sample_dmp
+from ..images import LATENT_FACTOR, Framing, frame_batch, to_image_batch, unframe
+from ..options import check_fraction, check_int, check_option, check_real
+from ..sampling import (
+    FINAL_OUTPUTS,
+    PREDICTION_TYPES,
+    SAMPLERS,
+    SPACINGS,
+    Denoiser,
+    Schedule,
+    get_timesteps,
+    max_steps,
+    sample_dmp,
+)
 from ..tasks.codecs import get_codec
 from ..tasks.colormaps import COLORMAPS, batch_percentiles
 from . import ensemble, tiling
@@ -88,33 +98,31 @@ class PredictOptions:
     ensemble: str = "none"
 
     def __post_init__(self):
-        get_timesteps(self.steps, self.spacing)
-        processing_size(8, 8, self.processing_resolution)
+        check_option("spacing", self.spacing, SPACINGS)
+        check_int("steps", self.steps, 1, max_steps(self.spacing))
+        check_int("processing_resolution", self.processing_resolution, 0)
+        if 0 < self.processing_resolution < LATENT_FACTOR:
+            raise ValueError(f"processing_resolution must be 0 (native) or at least {LATENT_FACTOR}, "
+                             f"got {self.processing_resolution}")
         check_option("sampler", self.sampler, SAMPLERS)
         check_option("final_output", self.final_output, FINAL_OUTPUTS)
         check_option("colormap", self.colormap, COLORMAPS)
         check_option("task_batching", self.task_batching, TASK_BATCHING)
         check_option("visual_range", self.visual_range, VISUAL_RANGES)
-        clip_aligners({}, self.temporal_alignment)  # checks the strength
+        check_fraction("temporal_alignment", self.temporal_alignment)
         if self.prediction_type is not None:
             check_option("prediction_type", self.prediction_type, PREDICTION_TYPES)
-        if self.guidance_scale is not None and not (
-                isinstance(self.guidance_scale, (int, float)) and math.isfinite(self.guidance_scale)):
-            raise ValueError(f"guidance_scale must be a finite number or None, got {self.guidance_scale!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.guidance_scale is not None:
+            check_real("guidance_scale", self.guidance_scale)
+        check_int("batch_size", self.batch_size, 1)
         check_option("ensemble", self.ensemble, ensemble.ENSEMBLES)
         self._check_tiling()
 
     def _check_tiling(self) -> None:
         if not isinstance(self.tile, bool):
             raise TypeError(f"tile must be True or False, got {self.tile!r}")
-        if isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int) or self.tile_size < 0:
-            raise ValueError(f"tile_size must be 0 (the processing resolution) or a number of pixels, "
-                             f"got {self.tile_size!r}")
-        if isinstance(self.tile_overlap, bool) or not isinstance(self.tile_overlap, (int, float)) \
-                or not 0 < self.tile_overlap <= 0.5:
-            raise ValueError(f"tile_overlap must be a fraction of the tile in (0, 0.5], got {self.tile_overlap!r}")
+        check_int("tile_size", self.tile_size, 0)  # 0: the processing resolution
+        check_real("tile_overlap", self.tile_overlap, 0, 0.5, low_open=True)  # a fraction of the tile
         if self.tile and self.processing_resolution == 0:
             raise ValueError("tile=True needs a processing_resolution > 0 (tiles are predicted at it); "
                              "got processing_resolution=0 (native size)")
