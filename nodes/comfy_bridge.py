@@ -332,8 +332,8 @@ def call_unet(model, x: torch.Tensor, t: int, context: torch.Tensor) -> torch.Te
 
 
 def vae_encode(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """ComfyUI's VAE encode (deterministic: the distribution's mode) of pixels [b, 3, H, W] in [-1, 1]."""
-    latents = vae.encode(((pixels + 1) / 2).movedim(1, -1)).float()
+    """ComfyUI's VAE encode (deterministic: the distribution's mode) of pixels [b, 3, H, W] in [0, 1]."""
+    latents = vae.encode(pixels.movedim(1, -1)).float()
     return check_finite(latents, "VAE encoder", VAE_ADVICE)
 
 

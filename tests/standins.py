@@ -35,7 +35,7 @@ class PixelBackend:
         self.calls: list[int] = []
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        pooled = F.avg_pool2d(pixels.float(), 8)
+        pooled = F.avg_pool2d(pixels.float() * 2 - 1, 8)  # [0, 1] in, the VAE's [-1, 1] range out
         return torch.cat([pooled, torch.zeros_like(pooled[:, :1])], 1)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

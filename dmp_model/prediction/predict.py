@@ -188,7 +188,7 @@ class PredictionBackend(Protocol):
     mixes_adapters: bool
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels [b, 3, H, W] in [-1, 1] -> latents [b, 4, H/8, W/8], scaled (0.18215), deterministic."""
+        """Pixels [b, 3, H, W] in [0, 1] -> latents [b, 4, H/8, W/8], scaled (0.18215), deterministic."""
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [b, 4, h, w] -> pixels [b, 3, 8h, 8w], nominally in [-1, 1] and never clamped."""
@@ -322,7 +322,7 @@ def predict_pass(backend: PredictionBackend, images: torch.Tensor, cond: torch.T
     Returns:
         ({name: raw at H x W on the CPU}, {name: final latents [b, 4, h, w]}, input latents [b, 4, h, w]).
     """
-    pixels, framing = frame_batch(images, options.processing_resolution)    # [b, 3, Hp, Wp] in [-1, 1]
+    pixels, framing = frame_batch(images, options.processing_resolution)    # [b, 3, Hp, Wp] in [0, 1]
     x = backend.encode(pixels)                                               # [b, 4, h, w]
     raws, latents = {}, {}
     for group in groups:

@@ -169,8 +169,11 @@ class DMPModel:
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels [B, 3, H, W] in [-1, 1] -> latents [B, 4, H/8, W/8]: the distribution's mean, scaled."""
-        posterior = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        """Pixels [B, 3, H, W] in [0, 1] -> latents [B, 4, H/8, W/8]: the distribution's mean, scaled.
+
+        The VAE takes [-1, 1]: scaled here, right before it (in the pixels' own dtype, then cast).
+        """
+        posterior = self.vae.encode((pixels * 2 - 1).to(self.device, self.dtype)).latent_dist
         return posterior.mean * self.vae.config.scaling_factor
 
     @torch.no_grad()
