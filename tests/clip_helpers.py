@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 
-
 def panning_clip(frames: int = 32, size: int = 32, side_wall: bool = True) -> torch.Tensor:
     """Depth [frames, size, size] in metres: a window sliding one pixel right per frame over a room.
 
