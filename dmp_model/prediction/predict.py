@@ -252,6 +252,21 @@ def check_conditioning(adapters: Mapping[str, AdapterInfo], batch: int, prompt, 
                         if prompted else "was trained with prompts; none given, using the empty prompt")
 
 
+def prompt_embeddings(backend: PredictionBackend, adapters: Mapping[str, AdapterInfo], batch: int, prompt,
+                      prompt_embeds: torch.Tensor | None) -> torch.Tensor | None:
+    """The prologue of every prediction: check the conditioning against the batch (and the backend's text
+    width), and embed a text prompt when a prompted adapter will use it.
+
+    Returns:
+        prompt embeddings [1 or B, L * k, D], or None (the empty prompt).
+    """
+    empty = backend.empty_embedding() if prompt_embeds is not None else None
+    check_conditioning(adapters, batch, prompt, prompt_embeds, empty)
+    if prompt is not None and any(info.uses_prompts for info in adapters.values()):
+        return backend.encode_prompts([prompt] if isinstance(prompt, str) else list(prompt))
+    return prompt_embeds
+
+
 def task_groups(adapters: Mapping[str, AdapterInfo], options: PredictOptions, mixes_adapters: bool
                 ) -> list[list[str]]:
     """Adapters that sample together: one each, or (batched) those sharing prediction type and prompting."""
@@ -400,10 +415,7 @@ def predict_images(backend: PredictionBackend, images, adapters: Mapping[str, Ad
     groups = task_groups(adapters, options, backend.mixes_adapters)
     batch = to_image_batch(images)
     count = batch.shape[0]
-    empty = backend.empty_embedding() if prompt_embeds is not None else None
-    check_conditioning(adapters, count, prompt, prompt_embeds, empty)
-    if prompt is not None and any(adapters[name].uses_prompts for name in adapters):
-        prompt_embeds = backend.encode_prompts([prompt] if isinstance(prompt, str) else list(prompt))
+    prompt_embeds = prompt_embeddings(backend, adapters, count, prompt, prompt_embeds)
     if return_latents and options.merges_passes:
         raise ValueError("return_latents=True is not available with tile=True or ensemble='flip': the result "
                          "merges several passes; predict without them to get the latents")

@@ -28,9 +28,9 @@ from ..prediction.predict import (
     PredictOptions,
     ProgressCallback,
     StepCounter,
-    check_conditioning,
     chunk_rows,
     predict_images,
+    prompt_embeddings,
     sample_group,
 )
 from ..sampling import Denoiser, schedule_from_config
@@ -223,10 +223,7 @@ class DMPModel:
         options = (options or PredictOptions()).updated(**settings)
         name = self._require_adapter(adapter)
         infos = {name: self._adapters[name].info}
-        check_conditioning(infos, latents.shape[0], prompt, prompt_embeds,
-                           self.empty_embedding() if prompt_embeds is not None else None)
-        if prompt is not None and infos[name].uses_prompts:
-            prompt_embeds = self.encode_prompts([prompt] if isinstance(prompt, str) else list(prompt))
+        prompt_embeds = prompt_embeddings(self, infos, latents.shape[0], prompt, prompt_embeds)
         progress = StepCounter(callback, options.steps * math.ceil(latents.shape[0] / options.batch_size))
         latents = latents.to(self.device, self.dtype)
         chunks = []
