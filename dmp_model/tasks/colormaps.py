@@ -89,19 +89,6 @@ def _lut(name: str) -> torch.Tensor:
     return ((1 - frac) * stops[left] + frac * stops[left + 1]).float()
 
 
-def colormap_lut(name: str) -> torch.Tensor:
-    """The lookup table of a colour map.
-
-    Args:
-        name: one of COLORMAPS.
-
-    Returns:
-        float32 tensor [256, 3], RGB in [0, 1], entry k for value k / 255 (a fresh copy).
-    """
-    _check_name(name)
-    return _lut(name).clone()
-
-
 def colorize(values: torch.Tensor, name: str = "Spectral") -> torch.Tensor:
     """Colour a map of values in [0, 1] with a colour map (nearest of 256 table entries).
 
@@ -279,23 +266,6 @@ def normalize(
         float32 tensor [B, H, W] in [0, 1] (see ``normalize_between``).
     """
     return normalize_between(values, *value_range(values, range_mode, low_pct, high_pct, fixed_range))
-
-
-def normalize_per_image(
-    values: torch.Tensor, low_pct: float = 0.0, high_pct: float = 100.0
-) -> torch.Tensor:
-    """Per-image min-max normalisation between two percentiles: (v - P_low) / (P_high - P_low).
-
-    Args:
-        values: float tensor [B, H, W].
-        low_pct, high_pct: percentiles mapped to 0 and 1 (default: minimum and maximum); see
-            ``per_image_percentiles``.
-
-    Returns:
-        float32 tensor [B, H, W] in [0, 1], clamped. Non-finite values, and every pixel of an
-        image whose percentiles coincide (a constant image), give 0, never NaN.
-    """
-    return normalize(values, "image", low_pct, high_pct)
 
 
 def _check_values(values: torch.Tensor) -> None:
