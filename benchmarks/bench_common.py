@@ -31,7 +31,7 @@ for _path in (ROOT, ROOT / "tests"):
         sys.path.insert(0, str(_path))
 
 from dmp_model import DMPModel  # noqa: E402
-from dmp_model.sampling import get_timesteps  # noqa: E402
+from dmp_model.sampling import SD1_SCHEDULER_CONFIG, get_timesteps  # noqa: E402
 from dmp_model.sd.loading import SD1_CONFIG_DIR, BaseComponents  # noqa: E402
 from dmp_model.sd.tiny import tiny_unet_config, tiny_vae_config  # noqa: E402
 from dmp_model.tasks.codecs import DEPTH_TARGET_SCALE  # noqa: E402
@@ -56,7 +56,7 @@ class Models:
 
 def sd1_configs(shape: str) -> tuple[dict, dict, dict]:
     """UNet, VAE and scheduler configs: the real SD 1.x ones, or the tiny test shape."""
-    scheduler = json.loads((SD1_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = dict(SD1_SCHEDULER_CONFIG)
     if shape == "tiny":
         return tiny_unet_config(), tiny_vae_config(), scheduler
     if shape != "sd1":

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from dmp_model import DMPModel
+from dmp_model.sampling import SD1_SCHEDULER_CONFIG
 from dmp_model.sd.loading import SD1_CONFIG_DIR, BaseComponents
 from dmp_model.sd.tiny import build_tiny_components
 from factories import write_official_adapter
@@ -46,7 +47,7 @@ def build_model(shape: str, workdir: Path) -> DMPModel:
         unet, vae, _ = build_tiny_components()
     else:
         unet, vae = full_sd1_components()
-    scheduler = json.loads((SD1_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = dict(SD1_SCHEDULER_CONFIG)
     components = BaseComponents(unet.requires_grad_(False), vae.requires_grad_(False), lambda: None, lambda: None,
                                 scheduler, workdir, torch.device("cpu"), torch.float32)
     model = DMPModel(components)

@@ -50,7 +50,7 @@ def timed(fn) -> tuple[float, float]:
 
 
 def candidates(models, images: torch.Tensor) -> dict:
-    x = models.model.encode(images * 2 - 1)
+    x = models.model.encode(images)
     context = models.context.expand(x.shape[0], -1, -1)
 
     @torch.no_grad()

@@ -21,7 +21,6 @@ The first step is a warm-up and is not timed.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import resource
 import sys
@@ -37,8 +36,8 @@ def build(shape: str):
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from dmp_model.sampling import schedule_from_config
-    from dmp_model.sd.tiny import SCHEDULER_CONFIG_PATH, build_tiny_components
+    from dmp_model.sampling import SD1_SCHEDULER_CONFIG, schedule_from_config
+    from dmp_model.sd.tiny import build_tiny_components
 
     torch.manual_seed(0)
     if shape == "tiny":
@@ -49,7 +48,7 @@ def build(shape: str):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae"))
         width = 768
-    scheduler_config = json.loads(SCHEDULER_CONFIG_PATH.read_text())
+    scheduler_config = dict(SD1_SCHEDULER_CONFIG)
     context = torch.randn(1, 77, width)
     return unet, vae, context, schedule_from_config(scheduler_config).alphas_cumprod, scheduler_config
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .io.weight_files import read_state_dict
-from .options import check_option
+from .options import check_option, check_real
 from .sampling import PREDICTION_TYPES
 from .tasks.codecs import DEPTH_TARGET_SCALE, TASKS
 from .tasks.normals import NORMAL_CONVENTIONS
@@ -70,8 +70,7 @@ class AdapterInfo:
         check_option("task", self.task, TASKS)
         check_option("prediction_type", self.prediction_type, PREDICTION_TYPES)
         check_option("normal_convention", self.normal_convention, NORMAL_CONVENTIONS)
-        if not (isinstance(self.target_scale, (int, float)) and self.target_scale > 0):
-            raise ValueError(f"target_scale must be a positive number, got {self.target_scale!r}")
+        check_real("target_scale", self.target_scale, 0, low_open=True)
 
 
 def infer_info_from_name(name: str) -> dict:
@@ -157,14 +156,43 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
-    """The tensors and metadata of an adapter file or folder (pickles only with weights_only=True)."""
+@dataclass(frozen=True)
+class OpenedAdapter:
+    """An adapter file read in any layout: its natural name, the file, its facts, its tensors and metadata."""
+
+    name: str
+    file: Path
+    info: AdapterInfo
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+
+def open_adapter(path: str | os.PathLike, overrides: Mapping | None = None) -> OpenedAdapter:
+    """Open an adapter file or folder (DMP, peft or kohya layout; pickles only with weights_only=True).
+
+    Its name comes from the path (``adapter_name_for``); its facts from (lowest to highest priority) that
+    name, the file's metadata (and a peft ``adapter_config.json`` beside it) and `overrides`.
+    """
     file = resolve_adapter_file(path)
     tensors, metadata = read_state_dict(file)
     config_file = file.parent / "adapter_config.json"
     if file.name.startswith("adapter_model") and config_file.is_file():
         metadata = {**metadata, "peft_config": config_file.read_text(encoding="utf-8")}
-    return tensors, metadata, file
+    name = adapter_name_for(path)
+    return OpenedAdapter(name, file, resolve_info(name, metadata, tensors, overrides), tensors, metadata)
+
+
+def adapter_name(natural: str, file: str | os.PathLike, loaded: Mapping[str, str | os.PathLike]) -> str:
+    """The name an adapter file gets beside the `loaded` ones ({name: file}), for the library and the nodes.
+
+    Its natural name; the same file keeps the name it has (loading it again replaces it); another file
+    of a name already taken gets 'natural~2', '~3'...
+    """
+    name, number = natural, 1
+    while name in loaded and Path(loaded[name]).resolve() != Path(file).resolve():
+        number += 1
+        name = f"{natural}~{number}"
+    return name
 
 
 def peft_alpha(metadata: Mapping[str, str]) -> float | None:
@@ -178,14 +206,47 @@ def peft_alpha(metadata: Mapping[str, str]) -> float | None:
     return None
 
 
+# The down projection of one LoRA module in each layout: DMP's, kohya's, peft's, diffusers' older one.
+LORA_DOWN_SUFFIXES = ("_lora.down.weight", ".lora_down.weight", ".lora_A.weight", ".lora.down.weight")
+
+
+def lora_modules(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{module name as the file writes it: its down projection [rank, in]} for LoRA weights of any layout."""
+    modules = {}
+    for key, value in tensors.items():
+        for suffix in LORA_DOWN_SUFFIXES:
+            if key.endswith(suffix):
+                modules[key[: -len(suffix)]] = value
+    return modules
+
+
+def fold_alpha(up: torch.Tensor, alpha: float | None) -> torch.Tensor:
+    """An up projection [out, rank] with a LoRA's alpha / rank scale folded in, so the update is up @ down."""
+    rank = up.shape[1]
+    return up if alpha is None or alpha == rank else up * (alpha / rank)
+
+
+def shape_problem(name: str, down_in: int, up_out: int, layer_in: int, layer_out: int) -> str | None:
+    """Why a LoRA module mapping down_in -> up_out features does not fit a layer (None when it does)."""
+    if (down_in, up_out) == (layer_in, layer_out):
+        return None
+    return f"{name}: adapter maps {down_in}->{up_out} features, the layer {layer_in}->{layer_out}"
+
+
+def fit_error(total: int, problems: list[str]) -> ValueError:
+    """The error for an adapter of which some of `total` LoRA layers fit no layer of the model, one wording."""
+    return ValueError(
+        f"adapter does not fit this model: {total - len(problems)} of {total} LoRA layers fit (e.g. {problems[:3]}). "
+        "It was probably made for another base model (SD 2.x, SDXL, ...): DMP adapters need SD 1.x")
+
+
 def lora_rank_and_scope(tensors: Mapping[str, torch.Tensor]) -> tuple[int | None, bool]:
     """(rank, self-attention only) read off LoRA weights of any layout (DMP, peft, kohya).
 
     The rank is the largest first dimension of the down projections; "self-attention only" means every
     weight belongs to an ``attn1`` layer (DMP's ``self_attn_only`` variant).
     """
-    downs = [v for k, v in tensors.items() if re.search(r"(lora_A|lora_down|_lora\.down|lora\.down)\.weight$", k)]
-    rank = max((v.shape[0] for v in downs), default=None)
+    rank = max((v.shape[0] for v in lora_modules(tensors).values()), default=None)
     weights = [k for k in tensors if k.endswith(".weight")]
     return rank, bool(weights) and all("attn1" in k for k in weights)
 
@@ -230,8 +291,8 @@ def portable_lora_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapp
             raise ValueError(f"unsupported LoRA tensor {key!r} (DoRA, biases or other adapter types)")
         module, kind = match.groups()
         up = kind in ("lora_B", "lora.up")
-        if up and alpha is not None:
-            value = value * (alpha / value.shape[1])
+        if up:
+            value = fold_alpha(value, alpha)
         out[f"lora_unet_{module.replace('.', '_')}.{'lora_up' if up else 'lora_down'}.weight"] = value
     return out
 

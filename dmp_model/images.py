@@ -176,10 +176,10 @@ def resize(images: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -
 
 
 def frame_batch(images: torch.Tensor, resolution: int) -> tuple[torch.Tensor, Framing]:
-    """Images [B, 3, H, W] in [0, 1] -> model input in [-1, 1], resized and padded to multiples of 8."""
+    """Images [B, 3, H, W] in [0, 1] -> the backend's input, still in [0, 1], resized and padded to multiples of 8."""
     height, width = images.shape[-2:]
     proc = processing_size(height, width, resolution)
-    pixels = resize(images, proc) * 2 - 1
+    pixels = resize(images, proc)
     pad_h, pad_w = (-proc[0]) % LATENT_FACTOR, (-proc[1]) % LATENT_FACTOR
     if pad_h or pad_w:
         pixels = F.pad(pixels, (0, pad_w, 0, pad_h), mode="replicate")

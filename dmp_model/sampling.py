@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .options import check_option, option_error
+from .options import check_int, check_option, option_error
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,13 @@ _DDIM_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end":
                   "trained_betas": None, "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True,
                   "steps_offset": 0, "thresholding": False, "rescale_betas_zero_snr": False}
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+# SD 1.x's scheduler release config, the schedule DMP was trained with (betas scaled_linear 0.00085..0.012 over
+# 1000 steps, steps_offset 1, set_alpha_to_one False, no clipping): the one home of these constants. The base
+# folders the tiny models write and the bases without a scheduler/ folder use it.
+SD1_SCHEDULER_CONFIG = {"_class_name": "DDIMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                        "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+                        "prediction_type": "v_prediction", "set_alpha_to_one": False, "steps_offset": 1,
+                        "timestep_spacing": "leading", "trained_betas": None}
 
 
 def betas_for_schedule(name: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -99,6 +106,22 @@ def schedule_from_config(scheduler_config: dict) -> Schedule:
                     float(config["clip_sample_range"]) if config["clip_sample"] else None)
 
 
+def sd1_schedule() -> Schedule:
+    """SD 1.x's schedule (``SD1_SCHEDULER_CONFIG``): alphas_cumprod equal to diffusers' DDIMScheduler's."""
+    return schedule_from_config(SD1_SCHEDULER_CONFIG)
+
+
+def max_steps(spacing: str, num_train_timesteps: int = 1000, steps_offset: int = 1) -> int:
+    """The most steps a spacing allows: "leading" with more would start past t = T - 1 (T - 1 steps for SD 1.x:
+    1000 would start at t = 1000)."""
+    check_option("spacing", spacing, SPACINGS)
+    if spacing == "trailing":
+        return num_train_timesteps
+    starts_inside = (n for n in range(num_train_timesteps, 0, -1)
+                     if (n - 1) * (num_train_timesteps // n) + steps_offset < num_train_timesteps)
+    return next(starts_inside, 0)
+
+
 def get_timesteps(
     num_steps: int,
     spacing: str = "leading",
@@ -109,22 +132,13 @@ def get_timesteps(
 
     "trailing" starts at t = num_train_timesteps - 1 (999), as single-step predictors use.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int):
-        raise TypeError(f"steps must be an integer, got {num_steps!r} ({type(num_steps).__name__})")
-    if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"steps must be between 1 and {num_train_timesteps}, got {num_steps}")
+    check_int("steps", num_steps, 1, max_steps(spacing, num_train_timesteps, steps_offset))
     if spacing == "leading":
         ratio = num_train_timesteps // num_steps
-        if (num_steps - 1) * ratio + steps_offset >= num_train_timesteps:  # 1000 steps would start at t = 1000
-            raise ValueError(f"steps={num_steps} with leading spacing (offset {steps_offset}) would start past "
-                             f"t = {num_train_timesteps - 1}; use at most {num_train_timesteps - steps_offset} "
-                             "steps, or trailing spacing")
         return [(num_steps - 1 - i) * ratio + steps_offset for i in range(num_steps)]
-    if spacing == "trailing":
-        # Same arithmetic as diffusers' DDIMScheduler (numpy, round half to even).
-        points = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps))
-        return [int(v) - 1 for v in points]
-    raise option_error("spacing", spacing, SPACINGS)
+    # "trailing": the same arithmetic as diffusers' DDIMScheduler (numpy, round half to even).
+    points = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps))
+    return [int(v) - 1 for v in points]
 
 
 def previous_alpha(

@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from ..dmp_model.adapters import AdapterInfo, adapter_name_for, portable_lora_state_dict, read_adapter, resolve_info
+from ..dmp_model.adapters import AdapterInfo, OpenedAdapter, adapter_name, open_adapter, portable_lora_state_dict
 from ..dmp_model.io.weight_files import CheckpointError
 from ..dmp_model.options import check_option
 from ..dmp_model.tasks.codecs import TASKS
@@ -70,28 +70,26 @@ class DMPAdapters:
                              "Load DMP Adapter or pick another task")
         return found
 
-    def added(self, adapter: LoadedAdapter) -> DMPAdapters:
-        """A new DMP_MODEL with one more adapter (the input is never changed: other nodes may hold it)."""
+    def with_adapter(self, adapter: LoadedAdapter) -> DMPAdapters:
+        """A new DMP_MODEL with `adapter` added, or in place of the one of its name (the input is never
+        changed: other nodes may hold it)."""
+        if adapter.name in self.names:
+            return DMPAdapters(tuple(adapter if a.name == adapter.name else a for a in self.adapters))
         return DMPAdapters((*self.adapters, adapter))
 
-    def unique_name(self, natural: str) -> str:
-        """`natural`, or 'natural~2', '~3'... if this DMP_MODEL already has an adapter of that name."""
-        name, number = natural, 1
-        while name in self.names:
-            number += 1
-            name = f"{natural}~{number}"
-        return name
+    def name_for(self, opened: OpenedAdapter) -> str:
+        """The engine's naming policy (``adapters.adapter_name``) among the adapters of this DMP_MODEL."""
+        return adapter_name(opened.name, opened.file, {a.name: a.file for a in self.adapters})
 
 
-def load_adapter(model, path: str, strength: float, task: str = "auto") -> tuple[AdapterInfo, bridge.PatchedLoRA]:
-    """Read an adapter file (any layout), resolve its facts, and patch a clone of `model` with it."""
+def load_adapter(model, path: str, strength: float, task: str = "auto") -> tuple[OpenedAdapter, bridge.PatchedLoRA]:
+    """Open an adapter file (any layout) with its facts, and patch a clone of `model` with it."""
     check_option("task", task, TASK_CHOICES)
     try:
-        tensors, metadata, file = read_adapter(path)
+        opened = open_adapter(path, {} if task == "auto" else {"task": task})
     except CheckpointError as err:  # ComfyUI shows an exception's module path: a file path for this pack
         raise ValueError(str(err)) from err
-    info = resolve_info(adapter_name_for(file), metadata, tensors, {} if task == "auto" else {"task": task})
-    return info, bridge.apply_lora(model, portable_lora_state_dict(tensors, metadata), strength)
+    return opened, bridge.apply_lora(model, portable_lora_state_dict(opened.tensors, opened.metadata), strength)
 
 
 def warn_about_extras(model) -> None:
@@ -156,10 +154,10 @@ class DMPLoadAdapter:
             raise ValueError("the dmp_model input holds adapters on another MODEL; chain adapters of one base "
                              "model only (wire the same checkpoint loader's MODEL to every Load DMP Adapter)")
         path = bridge.resolve_adapter(adapter)
-        info, patched = load_adapter(model, path, strength, task)
+        opened, patched = load_adapter(model, path, strength, task)
         previous = dmp_model or DMPAdapters(())
-        name = previous.unique_name(adapter_name_for(path))
-        return (previous.added(LoadedAdapter(name, info, patched.model, path, strength)),)
+        loaded = LoadedAdapter(previous.name_for(opened), opened.info, patched.model, path, strength)
+        return (previous.with_adapter(loaded),)
 
     @classmethod
     def IS_CHANGED(cls, adapter, **_widgets):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..dmp_model.adapters import offered_as_adapter
+from ..dmp_model.adapters import fit_error, lora_modules, offered_as_adapter, shape_problem
 
 try:
     import folder_paths
@@ -184,27 +184,14 @@ def apply_lora(model, lora: dict[str, torch.Tensor], strength: float) -> Patched
     key_map = comfy_lora.model_lora_keys_unet(model.model, {})
     lora = convert_lora(lora) if convert_lora is not None else lora
     patches = comfy_lora.load_lora(lora, key_map, log_missing=False)
-    modules = _lora_modules(lora)
+    modules = set(lora_modules(lora))
     problems = _shape_problems(model, patches)
     if len(patches) < len(modules) or problems:
         unmatched = sorted(modules - {key for key in key_map if key_map[key] in patches})
-        raise ValueError(
-            f"adapter does not fit this model: {len(patches) - len(problems)} of {len(modules)} LoRA layers fit "
-            f"(e.g. {(unmatched + problems)[:3]}). It was probably made for another base (SDXL, SD 2.x, ...): "
-            "DMP adapters need SD 1.x")
+        raise fit_error(len(modules), [f"{name}: no such layer in this model" for name in unmatched] + problems)
     clone = model.clone()
     patched = clone.add_patches(patches, strength)
     return PatchedLoRA(clone, len(patched))
-
-
-def _lora_modules(lora: dict[str, torch.Tensor]) -> set[str]:
-    """The module names of a LoRA file in any layout, as ComfyUI's key maps name them."""
-    modules = set()
-    for key in lora:
-        for suffix in ("_lora.down.weight", ".lora_down.weight", ".lora_A.weight", ".lora.down.weight"):
-            if key.endswith(suffix):
-                modules.add(key[: -len(suffix)])
-    return modules
 
 
 def _shape_problems(model, patches: dict) -> list[str]:
@@ -216,8 +203,8 @@ def _shape_problems(model, patches: dict) -> list[str]:
         if weights is None or key not in shapes or len(shapes[key]) != 2:
             continue
         up, down = weights[0], weights[1]
-        if (up.shape[0], down.shape[-1]) != shapes[key]:
-            problems.append(f"{key}: adapter {down.shape[-1]}->{up.shape[0]}, layer {shapes[key][1]}->{shapes[key][0]}")
+        if problem := shape_problem(key, down.shape[-1], up.shape[0], shapes[key][1], shapes[key][0]):
+            problems.append(problem)
     return problems
 
 
@@ -332,8 +319,8 @@ def call_unet(model, x: torch.Tensor, t: int, context: torch.Tensor) -> torch.Te
 
 
 def vae_encode(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """ComfyUI's VAE encode (deterministic: the distribution's mode) of pixels [b, 3, H, W] in [-1, 1]."""
-    latents = vae.encode(((pixels + 1) / 2).movedim(1, -1)).float()
+    """ComfyUI's VAE encode (deterministic: the distribution's mode) of pixels [b, 3, H, W] in [0, 1]."""
+    latents = vae.encode(pixels.movedim(1, -1)).float()
     return check_finite(latents, "VAE encoder", VAE_ADVICE)
 
 

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from ..dmp_model import Prediction
+from ..dmp_model.prediction.predict import Prediction
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,7 @@ import weakref
 
 import torch
 
-from ..dmp_model.sampling import apply_guidance, schedule_from_config
-from ..dmp_model.sd.loading import sd1_scheduler_config
+from ..dmp_model.sampling import apply_guidance, sd1_schedule
 from . import comfy_bridge as bridge
 from .adapters import DMPAdapters
 
@@ -54,7 +53,7 @@ class ComfyBackend:
         self.width = bridge.context_width(first)
         self.device = first.load_device  # the sampler's arithmetic runs where the UNet does
         self.vae, self.clip = vae, clip
-        self.schedule = schedule_from_config(sd1_scheduler_config())
+        self.schedule = sd1_schedule()
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.latent_format.process_in(bridge.vae_encode(self.vae, pixels)).to(self.device, torch.float32)

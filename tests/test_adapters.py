@@ -10,11 +10,15 @@ from safetensors.torch import save_file
 
 from dmp_model import AdapterInfo, DMPModel
 from dmp_model.adapters import (
+    adapter_name,
     detect_adapter_format,
+    fold_alpha,
     infer_info_from_name,
     info_to_metadata,
-    read_adapter,
+    lora_modules,
+    open_adapter,
     save_adapter,
+    shape_problem,
 )
 from dmp_model.io.weight_files import CheckpointError
 from dmp_model.sd.lora import to_peft_state_dict
@@ -135,7 +139,7 @@ def test_sdxl_shaped_adapter_is_refused(model, tmp_path):
     wide = {name: (torch.randn(4, 2048, generator=generator), up) if name.endswith("attn2.to_k") else (down, up)
             for name, (down, up) in lora.items()}
     save_file(official_state_dict(wide), str(tmp_path / "sdxl.safetensors"))
-    with pytest.raises(ValueError, match=r"does not fit this UNet \(\d+ of 128 layers fit.*2048"):
+    with pytest.raises(ValueError, match=r"does not fit this model: \d+ of 128 LoRA layers fit.*2048"):
         model.load_adapter(tmp_path / "sdxl.safetensors")
     assert "sdxl" not in model.adapters
 
@@ -146,7 +150,7 @@ def test_adapter_for_layers_that_do_not_exist_is_refused(model, tmp_path):
                "down_blocks.9.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.up.weight":
                torch.zeros(32, 4)}
     save_file(tensors, str(tmp_path / "nowhere.safetensors"))
-    with pytest.raises(ValueError, match="0 of 1 layers fit.*no such layer"):
+    with pytest.raises(ValueError, match="0 of 1 LoRA layers fit.*no such layer"):
         model.load_adapter(tmp_path / "nowhere.safetensors")
 
 
@@ -217,7 +221,8 @@ def test_save_adapter_round_trip_in_official_layout(model, tmp_path):
         peft_keys[f"{module}.lora_A.weight"], peft_keys[f"{module}.lora_B.weight"] = down, up / 2
     info = AdapterInfo(task="depth", target_scale=8.0, rank=4, steps_trained=100)
     path = save_adapter(tmp_path / "out" / "depth-trained.safetensors", peft_keys, info, lora_scale=2.0)
-    tensors, metadata, _ = read_adapter(path)
+    opened = open_adapter(path)
+    tensors, metadata = opened.tensors, opened.metadata
     assert detect_adapter_format(tensors) == "dmp"
     assert all(k.endswith(("_lora.down.weight", "_lora.up.weight")) for k in tensors)
     assert metadata["dmp.task"] == '"depth"' and metadata["dmp.steps_trained"] == "100"
@@ -231,3 +236,22 @@ def test_save_adapter_round_trip_in_official_layout(model, tmp_path):
 
 def test_every_attention_projection_is_adapted(model):
     assert len(attention_layers(model.unet)) == 128  # 16 transformer blocks x (attn1, attn2) x 4
+
+
+def test_one_naming_policy_for_the_library_and_the_nodes(tmp_path):
+    first, second = tmp_path / "a" / "depth-x" / "w.safetensors", tmp_path / "b" / "depth-x" / "w.safetensors"
+    assert adapter_name("depth-x", first, {}) == "depth-x"
+    assert adapter_name("depth-x", first, {"depth-x": first}) == "depth-x"  # the same file: loaded again in place
+    assert adapter_name("depth-x", second, {"depth-x": first}) == "depth-x~2"
+    assert adapter_name("depth-x", second, {"depth-x": first, "depth-x~2": tmp_path / "c"}) == "depth-x~3"
+
+
+def test_lora_helpers_read_every_layout_and_fold_alpha():
+    down, up = torch.ones(4, 8), torch.ones(16, 4)
+    layouts = {"m.processor.to_q_lora.down.weight": down, "lora_unet_m.lora_down.weight": down,
+               "m2.to_q.lora_A.weight": down, "m3.to_q.lora.down.weight": down, "m2.to_q.lora_B.weight": up}
+    assert set(lora_modules(layouts)) == {"m.processor.to_q", "lora_unet_m", "m2.to_q", "m3.to_q"}
+    assert fold_alpha(up, None) is up and fold_alpha(up, 4) is up
+    assert torch.equal(fold_alpha(up, 8), up * 2)  # alpha / rank = 2, exact
+    assert shape_problem("m", 8, 16, 8, 16) is None
+    assert shape_problem("m", 8, 16, 8, 32) == "m: adapter maps 8->16 features, the layer 8->32"

@@ -99,7 +99,8 @@ print(json.dumps({"after_package": after_package, "after_all": sorted(sys.module
         bad = [m for m in modules[stage] if m.split(".")[0] in FORBIDDEN]
         assert bad == [], f"{stage}: {bad}"
         assert "diffusers.pipelines" not in modules[stage], stage
-    assert "dmp_model.sd.model" in modules["after_package"] and "dmp_model.cli.main" in modules["after_all"]
+    # DMPModel (sd/) is imported when first asked for: the node pack imports the package without it.
+    assert "dmp_model.sd.model" not in modules["after_package"] and "dmp_model.cli.main" in modules["after_all"]
 
 
 def is_print(node: ast.AST) -> bool:
@@ -250,3 +251,64 @@ def test_the_cycle_check_does_catch_cycles(tmp_path):
                      "pkg.sub.c": {"pkg.a", "pkg.b"}}
     assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.sub.c", "pkg.a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def import_closure(graph: dict[str, set[str]], starts: set[str]) -> set[str]:
+    """Every module that importing `starts` runs: what they import, and the packages above each (their
+    __init__.py runs first), transitively."""
+    seen: set[str] = set()
+    todo = list(starts)
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        parts = module.split(".")
+        todo += [".".join(parts[:n]) for n in range(1, len(parts))] + sorted(graph.get(module, ()))
+    return seen
+
+
+def test_the_nodes_never_reach_the_model_libraries_layer():
+    """The node pack runs on ComfyUI's own models: neither it nor any engine module it imports (package
+    __init__ files included) imports dmp_model.sd or a model library (diffusers, peft, transformers)."""
+    files = {module_name(p, ROOT): p for package in ("nodes", "dmp_model")
+             for p in sorted((ROOT / package).rglob("*.py"))}
+    graph = {name: internal_imports(path, ROOT, set(files)) for name, path in files.items()}
+    # dmp_model/__init__.py imports DMPModel (sd/) only when that attribute is asked for (its __getattr__);
+    # the node pack never asks (the next test imports it and looks).
+    assert "dmp_model.sd.model" in graph["dmp_model"]
+    graph["dmp_model"] = graph["dmp_model"] - {"dmp_model.sd.model"}
+    closure = import_closure(graph, {m for m in files if m.split(".")[0] == "nodes"})
+    assert "dmp_model.sampling" in closure and "dmp_model.adapters" in closure  # the closure sees the imports
+    reached = sorted(m for m in closure if m.split(".")[:2] in (["dmp_model", "sd"], ["dmp_model", "cli"]))
+    assert reached == [], f"the node pack imports {reached}"
+    libraries = sorted((module, name) for module in closure for name, _ in imported_modules(parse(files[module]))
+                       if name.split(".")[0] in MODEL_LIBRARIES)
+    assert libraries == [], f"modules the node pack imports use model libraries: {libraries}"
+
+
+def test_the_import_closure_includes_packages_and_what_they_import():
+    graph = {"a.b.c": {"d"}, "a": {"e.f"}, "e.f": set(), "d": set()}
+    assert import_closure(graph, {"a.b.c"}) == {"a.b.c", "a.b", "a", "d", "e", "e.f"}
+
+
+def test_importing_the_node_pack_loads_no_model_library():
+    script = """
+import importlib, json, pkgutil, sys, types
+root = sys.argv[1]
+package = types.ModuleType("pack_root")  # the repository as a package, as ComfyUI loads it by path
+package.__path__ = [root]
+sys.modules["pack_root"] = package
+nodes = importlib.import_module("pack_root.nodes")
+for info in pkgutil.walk_packages(nodes.__path__, "pack_root.nodes."):
+    importlib.import_module(info.name)
+print(json.dumps(sorted(sys.modules)))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script, str(ROOT)], capture_output=True, text=True, timeout=120,
+                            cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    modules = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "pack_root.nodes.native" in modules and "pack_root.dmp_model.sampling" in modules
+    heavy = [m for m in modules if m.split(".")[0] in MODEL_LIBRARIES or m.startswith("pack_root.dmp_model.sd")]
+    assert heavy == []

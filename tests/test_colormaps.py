@@ -9,9 +9,7 @@ from dmp_model.tasks.colormaps import (
     RANGE_MODES,
     batch_percentiles,
     colorize,
-    colormap_lut,
     normalize,
-    normalize_per_image,
     per_image_percentiles,
     value_range,
 )
@@ -48,6 +46,11 @@ def test_endpoints_equal_published_colours(name):
 def test_spectral_and_gray_endpoints():
     torch.testing.assert_close(_ends("Spectral"), torch.tensor(SPECTRAL_ENDS).float() / 255)
     torch.testing.assert_close(_ends("gray"), torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]))
+
+
+def colormap_lut(name: str) -> torch.Tensor:
+    """The colour map's table [256, 3], read through colorize: value k / 255 looks entry k up."""
+    return colorize((torch.arange(256.0) / 255).view(1, 16, 16), name).reshape(256, 3)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -94,11 +97,11 @@ def test_colorize_checks_inputs():
     assert "Spectral" in COLORMAPS and len(set(COLORMAPS)) == len(COLORMAPS)
 
 
-def test_normalize_per_image_is_per_image():
+def test_image_range_normalises_each_image():
     generator = torch.Generator().manual_seed(0)
     values = torch.rand(2, 8, 8, generator=generator)
     values[1] = values[1] * 100 + 50
-    out = normalize_per_image(values)
+    out = normalize(values, "image")
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.amin(dim=(1, 2)), torch.zeros(2))
     torch.testing.assert_close(out.amax(dim=(1, 2)), torch.ones(2))
@@ -107,14 +110,14 @@ def test_normalize_per_image_is_per_image():
 
 
 def test_normalize_constant_image_gives_zeros():
-    out = normalize_per_image(torch.full((1, 4, 4), 3.0), 2, 85)
+    out = normalize(torch.full((1, 4, 4), 3.0), "image", 2, 85)
     # Exact by construction: an empty range selects the zeros, no division happens.
     assert torch.equal(out, torch.zeros(1, 4, 4))
 
 
 def test_normalize_percentiles_on_a_ramp():
     ramp = torch.arange(101.0).view(1, 1, 101)  # percentile p of 0..100 is p itself
-    out = normalize_per_image(ramp, 10, 90)
+    out = normalize(ramp, "image", 10, 90)
     # The percentiles are 10 and 90 up to how the quantile's position is rounded (an implementation
     # detail): compare those pixels with a tolerance. Pixels beyond the percentiles are clamped, exactly
     # 0 and 1, however the percentiles round (they stay within far less than a ramp step of 10 and 90).
@@ -125,7 +128,7 @@ def test_normalize_percentiles_on_a_ramp():
 
 def test_normalize_ignores_non_finite_values():
     values = torch.tensor([[[0.0, 1.0, 2.0, float("nan"), float("inf")]]])
-    out = normalize_per_image(values)
+    out = normalize(values, "image")
     torch.testing.assert_close(out, torch.tensor([[[0.0, 0.5, 1.0, 0.0, 0.0]]]))
 
 
@@ -141,11 +144,11 @@ def test_percentiles_of_huge_images_use_a_subsample(monkeypatch):
 def test_percentile_arguments_are_checked():
     values = torch.rand(1, 4, 4, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="low_pct"):
-        normalize_per_image(values, 50, 50)
+        normalize(values, "image", 50, 50)
     with pytest.raises(ValueError, match="high_pct"):
-        normalize_per_image(values, 0, 101)
+        normalize(values, "image", 0, 101)
     with pytest.raises(TypeError, match="low_pct"):
-        normalize_per_image(values, "2", 85)
+        normalize(values, "image", "2", 85)
 
 
 def test_batch_range_is_one_range_for_every_image():
@@ -157,7 +160,7 @@ def test_batch_range_is_one_range_for_every_image():
     torch.testing.assert_close(out, values / 4)
     assert not torch.equal(out, normalize(values, "image"))  # per image, both would span 0..1
     single = values[1:]
-    torch.testing.assert_close(normalize(single, "batch", 2, 98), normalize_per_image(single, 2, 98))
+    torch.testing.assert_close(normalize(single, "batch", 2, 98), normalize(single, "image", 2, 98))
 
 
 def test_batch_percentiles_of_large_batches_use_a_subsample(monkeypatch):

@@ -239,13 +239,14 @@ def test_bad_images_are_refused_before_any_work(tiny_model, images, message):
 
 
 @pytest.mark.parametrize("settings, error, message", [
-    ({"steps": 0}, ValueError, "steps must be between 1 and 1000"),
+    ({"steps": 0}, ValueError, r"steps must be an integer in \[1, 999\], got 0"),
     ({"steps": "five"}, TypeError, "steps must be an integer"),
     ({"processing_resolution": "512px"}, TypeError, "processing_resolution must be an integer"),
-    ({"processing_resolution": -1}, ValueError, "processing_resolution must be 0"),
+    ({"processing_resolution": -1}, ValueError, "processing_resolution must be an integer >= 0, got -1"),
+    ({"processing_resolution": 4}, ValueError, "processing_resolution must be 0 .native. or at least 8, got 4"),
     ({"sampler": "euler"}, ValueError, "sampler must be one of"),
     ({"guidance_scale": float("nan")}, ValueError, "guidance_scale must be a finite number"),
-    ({"batch_size": 0}, ValueError, "batch_size must be a positive integer"),
+    ({"batch_size": 0}, ValueError, "batch_size must be an integer >= 1, got 0"),
     ({"colour": "red"}, TypeError, "unknown prediction settings"),
 ])
 def test_bad_settings_are_refused(tiny_model, settings, error, message):

@@ -4,7 +4,7 @@ Measured as resident memory in fresh processes (torch's CPU allocations are invi
 tracemalloc): the peak (VmHWM, reset through /proc/self/clear_refs after a warm-up run) minus the
 resident memory before the call, minus the results (raw values and visuals). Resident memory counts
 only this process's pages, so other work on a shared machine does not disturb it. The networks are
-the stand-in backend's (tests/clip_helpers.py), so only what predict_images itself holds is measured;
+the stand-in backend's (tests/standins.py), so only what predict_images itself holds is measured;
 benchmarks/bench_video.py measures the same with the tiny SD model.
 """
 
@@ -22,7 +22,7 @@ SCRIPT = r"""
 import sys
 import torch
 sys.path[:0] = [{root!r}, {tests!r}]
-from clip_helpers import STAND_IN_DEPTH, STAND_IN_OPTIONS, StandInBackend
+from standins import PIXEL_DEPTH, PIXEL_OPTIONS, PixelBackend
 from dmp_model import images as imageproc
 from dmp_model.prediction import predict as prediction
 
@@ -34,8 +34,8 @@ def kib(key):
 frames, leak = int(sys.argv[1]), sys.argv[2] == "leak"
 if leak:  # a deliberate copy of the whole input, to show that the measure sees one
     prediction.to_image_batch = lambda images: imageproc.to_image_batch(images).clone()
-backend, adapters = StandInBackend(), {{"depth": STAND_IN_DEPTH}}
-options = STAND_IN_OPTIONS.updated(batch_size=4, visual_range="batch")
+backend, adapters = PixelBackend(), {{"depth": PIXEL_DEPTH}}
+options = PIXEL_OPTIONS.updated(batch_size=4, visual_range="batch")
 generator = torch.Generator().manual_seed(0)
 prediction.predict_images(backend, torch.rand(8, 3, 64, 64, generator=generator), adapters, options)  # warm up
 images = torch.rand(frames, 3, 64, 64, generator=generator)

@@ -1,27 +1,26 @@
 """The sampler's formulas against the method page and against diffusers' own DDIM scheduler."""
 
-import json
-
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from dmp_model.sampling import (
     PREDICTION_TYPES,
+    SD1_SCHEDULER_CONFIG,
     Schedule,
     apply_guidance,
     get_timesteps,
     interpolate,
+    max_steps,
     sample_dmp,
-    schedule_from_config,
+    sd1_schedule,
     split_prediction,
     training_target,
     velocity,
 )
-from dmp_model.sd.loading import SD1_CONFIG_DIR
 
-SCHEDULER_CONFIG = json.loads((SD1_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())
-SCHEDULE = schedule_from_config(SCHEDULER_CONFIG)
+SCHEDULER_CONFIG = SD1_SCHEDULER_CONFIG
+SCHEDULE = sd1_schedule()
 ALPHAS = SCHEDULE.alphas_cumprod
 A0 = ALPHAS[0]
 
@@ -35,6 +34,16 @@ def test_schedule_constants_are_sd1():
     # Exact by construction: the schedule is built by these very operations (diffusers' arithmetic).
     assert torch.equal(ALPHAS, torch.cumprod(1 - betas, 0))
     assert A0.item() == pytest.approx(0.99915, abs=1e-6)
+
+
+@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, DDPMScheduler])
+def test_sd1_schedule_is_diffusers_bit_for_bit(scheduler_class):
+    """The one home of SD 1.x's schedule against diffusers' schedulers built from the same release config."""
+    scheduler = scheduler_class.from_config(SD1_SCHEDULER_CONFIG)
+    assert torch.equal(ALPHAS, scheduler.alphas_cumprod)
+    assert (SCHEDULE.steps_offset, SCHEDULE.clip_sample) == (1, None)
+    if scheduler_class is DDIMScheduler:
+        assert torch.equal(SCHEDULE.final_alpha, scheduler.final_alpha_cumprod)
 
 
 def test_five_leading_steps_are_the_references():
@@ -55,14 +64,15 @@ def test_timesteps_equal_diffusers(spacing, steps):
 
 @pytest.mark.parametrize("bad", [0, -3, 1001])
 def test_steps_out_of_range_raise(bad):
-    with pytest.raises(ValueError, match="steps must be between 1 and 1000"):
-        get_timesteps(bad)
+    with pytest.raises(ValueError, match=rf"steps must be an integer in \[1, 1000\], got {bad}"):
+        get_timesteps(bad, "trailing")
 
 
 def test_1000_leading_steps_would_start_past_the_schedule_and_are_refused():
     """diffusers gives t = 1000 here and then fails indexing alphas_cumprod: refuse up front."""
-    with pytest.raises(ValueError, match="would start past t = 999; use at most 999 steps, or trailing"):
+    with pytest.raises(ValueError, match=r"steps must be an integer in \[1, 999\], got 1000"):
         get_timesteps(1000)
+    assert max_steps("leading") == 999 and max_steps("leading", steps_offset=0) == 1000
     assert get_timesteps(1000, "trailing")[0] == 999 and get_timesteps(1000, "trailing")[-1] == 0
 
 

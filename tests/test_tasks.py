@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dmp_model import TASKS, AdapterInfo, get_codec
-from dmp_model.tasks.colormaps import colorize, normalize_per_image
+from dmp_model.tasks.colormaps import colorize, normalize
 from dmp_model.tasks.palettes import NUM_CLASSES, palette
 
 DEPTH = AdapterInfo(task="depth", target_scale=8.0)
@@ -178,7 +178,7 @@ def test_visuals_are_rgb_previews_in_unit_range():
     depth = torch.rand(2, 6, 7, generator=generator(11)) * 8
     visual = get_codec("depth").visualize(depth)
     assert visual.shape == (2, 6, 7, 3) and visual.min() >= 0 and visual.max() <= 1
-    torch.testing.assert_close(visual, colorize(normalize_per_image(depth, 2, 98), "Spectral"))
+    torch.testing.assert_close(visual, colorize(normalize(depth, "image", 2, 98), "Spectral"))
     assert not torch.equal(get_codec("depth").visualize(depth, colormap="gray"), visual)
     normals = unit_normals((1, 4, 4), seed=12)
     torch.testing.assert_close(get_codec("normal").visualize(normals), (normals + 1) / 2)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clip_helpers import STAND_IN_DEPTH, STAND_IN_NORMAL, STAND_IN_OPTIONS, StandInBackend, panning_clip
+from clip_helpers import panning_clip
 from dmp_model.prediction.alignment import fit_scale
 from dmp_model.prediction.predict import PredictOptions, predict_images
 from dmp_model.prediction.temporal import TEMPORAL_FITS, TEMPORAL_TASKS, TemporalAligner, clip_aligners
 from dmp_model.tasks.codecs import get_codec
+from standins import PIXEL_DEPTH, PIXEL_OPTIONS, PixelBackend, pixel_info
 
 
 def jittered(clip: torch.Tensor, spread: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,13 +93,13 @@ def test_scale_shift_fit_removes_a_shift_as_well():
 
 
 def test_bad_settings_and_inputs_are_refused():
-    with pytest.raises(ValueError, match=r"strength must be a number in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"strength must be a finite number in \[0, 1\], got 1.5"):
         TemporalAligner(strength=1.5)
-    with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\), got 1"):
+    with pytest.raises(ValueError, match=r"momentum must be a finite number in \[0, 1\), got 1"):
         TemporalAligner(momentum=1)
     with pytest.raises(ValueError, match=r"fit must be one of \('scale', 'scale_shift'\), got 'affine'"):
         TemporalAligner(fit="affine")
-    with pytest.raises(ValueError, match="temporal alignment strength must be a number"):
+    with pytest.raises(ValueError, match=r"temporal_alignment must be a finite number in \[0, 1\], got -0.1"):
         PredictOptions(temporal_alignment=-0.1)
     with pytest.raises(ValueError, match="visual_range"):
         PredictOptions(visual_range="fixed")
@@ -131,10 +132,10 @@ def test_predict_images_aligns_depth_frames_in_order_and_leaves_normals_alone():
     truth = panning_clip(frames=10, size=32)
     prediction, _ = jittered(truth, spread=0.05, seed=4)
     images = grey_frames(prediction.clamp(max=7.9))
-    adapters = {"depth": STAND_IN_DEPTH, "normal": STAND_IN_NORMAL}
-    options = STAND_IN_OPTIONS.updated(batch_size=3)
-    plain = predict_images(StandInBackend(), images, adapters, options)
-    aligned = predict_images(StandInBackend(), images, adapters, options.updated(temporal_alignment=1.0))
+    adapters = {"depth": PIXEL_DEPTH, "normal": pixel_info("normal")}
+    options = PIXEL_OPTIONS.updated(batch_size=3)
+    plain = predict_images(PixelBackend(), images, adapters, options)
+    aligned = predict_images(PixelBackend(), images, adapters, options.updated(temporal_alignment=1.0))
     # Exact by construction here and below: the stand-in's per-image arithmetic (8 x 8 block means, an
     # identity network) does not depend on the batch, and the aligner goes frame by frame.
     torch.testing.assert_close(aligned["depth"].raw, TemporalAligner()(plain["depth"].raw), rtol=0, atol=0)
@@ -142,7 +143,7 @@ def test_predict_images_aligns_depth_frames_in_order_and_leaves_normals_alone():
     assert torch.equal(aligned["normal"].raw, plain["normal"].raw)
     # A clip in several calls with one state dict: the same as one call.
     state: dict = {}
-    parts = [predict_images(StandInBackend(), images[i:i + 4], adapters, options.updated(temporal_alignment=1.0),
+    parts = [predict_images(PixelBackend(), images[i:i + 4], adapters, options.updated(temporal_alignment=1.0),
                             aligners=state)["depth"].raw for i in (0, 4, 8)]
     torch.testing.assert_close(torch.cat(parts), aligned["depth"].raw, rtol=0, atol=0)
 
@@ -151,11 +152,11 @@ def test_batch_visual_range_gives_every_frame_one_colour_scale():
     near = torch.full((1, 16, 16), 2.0)
     near[:, :, 8:] = 3.0
     frames = grey_frames(torch.cat([near, near * 2]))  # the second frame twice as far
-    options = STAND_IN_OPTIONS.updated(batch_size=1)
+    options = PIXEL_OPTIONS.updated(batch_size=1)
     # Exact values throughout: depths 2, 3, 4 and 6 m (and their eighths) are binary fractions, so per-image
     # ranges map both frames onto the same 0 and 1, and the batch range's ends onto the same colours.
-    per_image = predict_images(StandInBackend(), frames, {"d": STAND_IN_DEPTH}, options)["d"].visual
-    batch = predict_images(StandInBackend(), frames, {"d": STAND_IN_DEPTH},
+    per_image = predict_images(PixelBackend(), frames, {"d": PIXEL_DEPTH}, options)["d"].visual
+    batch = predict_images(PixelBackend(), frames, {"d": PIXEL_DEPTH},
                            options.updated(visual_range="batch"))["d"].visual
     assert torch.equal(per_image[0], per_image[1])  # each frame spread over the whole colour map
     assert not torch.equal(batch[0], batch[1])
@@ -164,10 +165,10 @@ def test_batch_visual_range_gives_every_frame_one_colour_scale():
 
 def test_batch_visual_of_a_clip_coloured_in_chunks_equals_one_call():
     depth = panning_clip(frames=7, size=32) * torch.linspace(1, 1.3, 7).view(-1, 1, 1)
-    options = STAND_IN_OPTIONS.updated(batch_size=3, visual_range="batch")
-    chunked = predict_images(StandInBackend(), grey_frames(depth), {"d": STAND_IN_DEPTH}, options)["d"]
+    options = PIXEL_OPTIONS.updated(batch_size=3, visual_range="batch")
+    chunked = predict_images(PixelBackend(), grey_frames(depth), {"d": PIXEL_DEPTH}, options)["d"]
     whole = get_codec("depth").visualize(chunked.raw, range_mode="batch")
     # Exact by construction: one colour range over the clip, then element-wise maps, however it is chunked.
     torch.testing.assert_close(chunked.visual, whole, rtol=0, atol=0)
-    flat = predict_images(StandInBackend(), torch.full((5, 3, 16, 16), 0.25), {"d": STAND_IN_DEPTH}, options)["d"]
+    flat = predict_images(PixelBackend(), torch.full((5, 3, 16, 16), 0.25), {"d": PIXEL_DEPTH}, options)["d"]
     assert torch.equal(flat.visual, get_codec("depth").visualize(flat.raw, range_mode="batch"))  # no range at all

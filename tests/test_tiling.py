@@ -203,7 +203,7 @@ def test_predict_images_tiles_odd_sizes_back_to_the_input_size(ensemble):
 def test_tiling_settings_are_checked_up_front():
     with pytest.raises(ValueError, match=r"tile_size must be 0 or at least the processing_resolution \(512\).*256"):
         PredictOptions(tile=True, tile_size=256)
-    with pytest.raises(ValueError, match=r"tile_overlap must be a fraction of the tile in \(0, 0.5\], got 0.75"):
+    with pytest.raises(ValueError, match=r"tile_overlap must be a finite number in \(0, 0.5\], got 0.75"):
         PredictOptions(tile_overlap=0.75)
     with pytest.raises(ValueError, match="tile=True needs a processing_resolution > 0"):
         PredictOptions(tile=True, processing_resolution=0)

@@ -47,7 +47,7 @@ def test_defaults_follow_the_paper():
     ({"task": "height"}, r"task must be one of \("),
     ({"resolution": 500}, "resolution must be a multiple of 8"),
     ({"rank": 0}, "rank must be an integer >= 1, got 0"),
-    ({"learning_rate": -1.0}, "learning_rate must be a positive number, got -1.0"),
+    ({"learning_rate": -1.0}, r"learning_rate must be a finite number > 0, got -1.0"),
     ({"warmup_steps": 20, "max_steps": 10}, r"warmup_steps \(20\) must not exceed max_steps \(10\)"),
     ({"target_modules": ("to_q", "ff")}, "target_modules must be one of"),
     ({"val_images": "v"}, "give both val_images and val_targets"),

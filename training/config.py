@@ -15,7 +15,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from dmp_model.adapters import ATTENTION_PROJECTIONS
-from dmp_model.options import option_error
+from dmp_model.options import check_fraction, check_int, check_real, option_error
 from dmp_model.sampling import PREDICTION_TYPES
 from dmp_model.tasks.codecs import DEPTH_TARGET_SCALE, TASKS
 from dmp_model.tasks.normals import NORMAL_CONVENTIONS
@@ -165,10 +165,7 @@ def _check_config(config: TrainConfig) -> None:
     non_negative = ("val_split", "num_workers", "warmup_steps", "checkpoint_every", "val_every",
                     "val_previews", "seed", "min_timestep")
     for name in positive + non_negative:
-        value = getattr(config, name)
-        low = 1 if name in positive else 0
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_int(name, getattr(config, name), 1 if name in positive else 0)
     if config.resolution % 8:
         raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples 8x), "
                          f"got {config.resolution}")
@@ -179,16 +176,12 @@ def _check_config(config: TrainConfig) -> None:
         raise ValueError(f"warmup_steps ({config.warmup_steps}) must not exceed max_steps "
                          f"({config.max_steps})")
     for name in ("learning_rate", "adam_epsilon", "lora_alpha", "target_scale", "depth_png_scale"):
-        value = getattr(config, name)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if value is not None and not (number and value > 0):
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if getattr(config, name) is not None:
+            check_real(name, getattr(config, name), 0, low_open=True)
     for name in ("weight_decay", "max_grad_norm"):
-        if not isinstance(getattr(config, name), (int, float)) or getattr(config, name) < 0:
-            raise ValueError(f"{name} must be a number >= 0, got {getattr(config, name)!r}")
+        check_real(name, getattr(config, name), 0)
     for name in ("adam_beta1", "adam_beta2"):
-        if not 0 <= getattr(config, name) < 1:
-            raise ValueError(f"{name} must be in [0, 1), got {getattr(config, name)!r}")
+        check_fraction(name, getattr(config, name), high_open=True)
     if not config.target_modules:
         raise ValueError(f"target_modules must name at least one of {TARGET_MODULES}")
     if (config.val_images is None) != (config.val_targets is None):

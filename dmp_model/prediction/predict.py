@@ -22,9 +22,19 @@ from typing import Protocol
 import torch
 
 from ..adapters import AdapterInfo
-from ..images import Framing, frame_batch, processing_size, to_image_batch, unframe
-from ..options import check_option
-from ..sampling import FINAL_OUTPUTS, PREDICTION_TYPES, SAMPLERS, Denoiser, Schedule, get_timesteps, sample_dmp
+from ..images import LATENT_FACTOR, Framing, frame_batch, to_image_batch, unframe
+from ..options import check_fraction, check_int, check_option, check_real
+from ..sampling import (
+    FINAL_OUTPUTS,
+    PREDICTION_TYPES,
+    SAMPLERS,
+    SPACINGS,
+    Denoiser,
+    Schedule,
+    get_timesteps,
+    max_steps,
+    sample_dmp,
+)
 from ..tasks.codecs import get_codec
 from ..tasks.colormaps import COLORMAPS, batch_percentiles
 from . import ensemble, tiling
@@ -88,33 +98,31 @@ class PredictOptions:
     ensemble: str = "none"
 
     def __post_init__(self):
-        get_timesteps(self.steps, self.spacing)
-        processing_size(8, 8, self.processing_resolution)
+        check_option("spacing", self.spacing, SPACINGS)
+        check_int("steps", self.steps, 1, max_steps(self.spacing))
+        check_int("processing_resolution", self.processing_resolution, 0)
+        if 0 < self.processing_resolution < LATENT_FACTOR:
+            raise ValueError(f"processing_resolution must be 0 (native) or at least {LATENT_FACTOR}, "
+                             f"got {self.processing_resolution}")
         check_option("sampler", self.sampler, SAMPLERS)
         check_option("final_output", self.final_output, FINAL_OUTPUTS)
         check_option("colormap", self.colormap, COLORMAPS)
         check_option("task_batching", self.task_batching, TASK_BATCHING)
         check_option("visual_range", self.visual_range, VISUAL_RANGES)
-        clip_aligners({}, self.temporal_alignment)  # checks the strength
+        check_fraction("temporal_alignment", self.temporal_alignment)
         if self.prediction_type is not None:
             check_option("prediction_type", self.prediction_type, PREDICTION_TYPES)
-        if self.guidance_scale is not None and not (
-                isinstance(self.guidance_scale, (int, float)) and math.isfinite(self.guidance_scale)):
-            raise ValueError(f"guidance_scale must be a finite number or None, got {self.guidance_scale!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.guidance_scale is not None:
+            check_real("guidance_scale", self.guidance_scale)
+        check_int("batch_size", self.batch_size, 1)
         check_option("ensemble", self.ensemble, ensemble.ENSEMBLES)
         self._check_tiling()
 
     def _check_tiling(self) -> None:
         if not isinstance(self.tile, bool):
             raise TypeError(f"tile must be True or False, got {self.tile!r}")
-        if isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int) or self.tile_size < 0:
-            raise ValueError(f"tile_size must be 0 (the processing resolution) or a number of pixels, "
-                             f"got {self.tile_size!r}")
-        if isinstance(self.tile_overlap, bool) or not isinstance(self.tile_overlap, (int, float)) \
-                or not 0 < self.tile_overlap <= 0.5:
-            raise ValueError(f"tile_overlap must be a fraction of the tile in (0, 0.5], got {self.tile_overlap!r}")
+        check_int("tile_size", self.tile_size, 0)  # 0: the processing resolution
+        check_real("tile_overlap", self.tile_overlap, 0, 0.5, low_open=True)  # a fraction of the tile
         if self.tile and self.processing_resolution == 0:
             raise ValueError("tile=True needs a processing_resolution > 0 (tiles are predicted at it); "
                              "got processing_resolution=0 (native size)")
@@ -180,7 +188,7 @@ class PredictionBackend(Protocol):
     mixes_adapters: bool
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels [b, 3, H, W] in [-1, 1] -> latents [b, 4, H/8, W/8], scaled (0.18215), deterministic."""
+        """Pixels [b, 3, H, W] in [0, 1] -> latents [b, 4, H/8, W/8], scaled (0.18215), deterministic."""
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [b, 4, h, w] -> pixels [b, 3, 8h, 8w], nominally in [-1, 1] and never clamped."""
@@ -242,6 +250,21 @@ def check_conditioning(adapters: Mapping[str, AdapterInfo], batch: int, prompt, 
         if prompted != info.uses_prompts:
             logger.info("adapter %r %s", name, "takes no prompt (trained without); the prompt is not used"
                         if prompted else "was trained with prompts; none given, using the empty prompt")
+
+
+def prompt_embeddings(backend: PredictionBackend, adapters: Mapping[str, AdapterInfo], batch: int, prompt,
+                      prompt_embeds: torch.Tensor | None) -> torch.Tensor | None:
+    """The prologue of every prediction: check the conditioning against the batch (and the backend's text
+    width), and embed a text prompt when a prompted adapter will use it.
+
+    Returns:
+        prompt embeddings [1 or B, L * k, D], or None (the empty prompt).
+    """
+    empty = backend.empty_embedding() if prompt_embeds is not None else None
+    check_conditioning(adapters, batch, prompt, prompt_embeds, empty)
+    if prompt is not None and any(info.uses_prompts for info in adapters.values()):
+        return backend.encode_prompts([prompt] if isinstance(prompt, str) else list(prompt))
+    return prompt_embeds
 
 
 def task_groups(adapters: Mapping[str, AdapterInfo], options: PredictOptions, mixes_adapters: bool
@@ -314,7 +337,7 @@ def predict_pass(backend: PredictionBackend, images: torch.Tensor, cond: torch.T
     Returns:
         ({name: raw at H x W on the CPU}, {name: final latents [b, 4, h, w]}, input latents [b, 4, h, w]).
     """
-    pixels, framing = frame_batch(images, options.processing_resolution)    # [b, 3, Hp, Wp] in [-1, 1]
+    pixels, framing = frame_batch(images, options.processing_resolution)    # [b, 3, Hp, Wp] in [0, 1]
     x = backend.encode(pixels)                                               # [b, 4, h, w]
     raws, latents = {}, {}
     for group in groups:
@@ -392,10 +415,7 @@ def predict_images(backend: PredictionBackend, images, adapters: Mapping[str, Ad
     groups = task_groups(adapters, options, backend.mixes_adapters)
     batch = to_image_batch(images)
     count = batch.shape[0]
-    empty = backend.empty_embedding() if prompt_embeds is not None else None
-    check_conditioning(adapters, count, prompt, prompt_embeds, empty)
-    if prompt is not None and any(adapters[name].uses_prompts for name in adapters):
-        prompt_embeds = backend.encode_prompts([prompt] if isinstance(prompt, str) else list(prompt))
+    prompt_embeds = prompt_embeddings(backend, adapters, count, prompt, prompt_embeds)
     if return_latents and options.merges_passes:
         raise ValueError("return_latents=True is not available with tile=True or ensemble='flip': the result "
                          "merges several passes; predict without them to get the latents")

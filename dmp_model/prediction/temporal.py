@@ -47,12 +47,11 @@ Which tasks (``TEMPORAL_TASKS``): depth only.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 
 import torch
 
-from ..options import check_option
+from ..options import check_fraction, check_option
 from .alignment import fit_scale, fit_scale_shift
 
 TEMPORAL_TASKS = ("depth",)
@@ -65,13 +64,6 @@ FLAT_FRACTION = 0.25
 # One parameter needs few points: larger frames are fitted (and the reference kept) on a regular grid
 # of every k-th row and column, so the cost per frame does not grow with the frame (speed only).
 _FIT_POINTS = 1 << 16
-
-
-def _check_unit_interval(arg: str, value, upper_open: bool = False) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not (0 <= value < 1 if upper_open else 0 <= value <= 1):
-        raise ValueError(f"{arg} must be a number in [0, {'1)' if upper_open else '1]'}, got {value!r}")
-    return float(value)
 
 
 def _relative_gradient(depth: torch.Tensor) -> torch.Tensor:
@@ -100,8 +92,8 @@ class TemporalAligner:
     """
 
     def __init__(self, strength: float = 1.0, momentum: float = DEFAULT_MOMENTUM, fit: str = "scale"):
-        self.strength = _check_unit_interval("strength", strength)
-        self.momentum = _check_unit_interval("momentum", momentum, upper_open=True)
+        self.strength = check_fraction("strength", strength)
+        self.momentum = check_fraction("momentum", momentum, high_open=True)
         check_option("fit", fit, TEMPORAL_FITS)
         self.fit = fit
         self.reference: torch.Tensor | None = None
@@ -187,7 +179,7 @@ def clip_aligners(tasks: Mapping[str, str], strength: float,
     Returns:
         {adapter name: TemporalAligner} for the aligned adapters.
     """
-    strength = _check_unit_interval("temporal alignment strength", strength)
+    strength = check_fraction("temporal_alignment", strength)
     if strength == 0:
         return {}
     state = {} if state is None else state

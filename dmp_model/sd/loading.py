@@ -22,6 +22,7 @@ import torch
 
 from ..io.weight_files import CheckpointError, check_sd1, infer_sd1_configs, read_key_shapes, read_state_dict
 from ..options import check_option
+from ..sampling import SD1_SCHEDULER_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -102,17 +103,12 @@ def check_diffusers_folder(folder: Path) -> None:
         raise CheckpointError(f"{folder} is not Stable Diffusion 1.x: " + "; ".join(problems))
 
 
-def sd1_scheduler_config() -> dict:
-    """SD 1.x's scheduler constants (the release config DMP was trained with), bundled with the package."""
-    return json.loads((SD1_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-
-
 def _load_scheduler_config(folder: Path | None) -> dict:
     """The folder's scheduler constants when it has them, else SD 1.x's."""
     candidate = folder / "scheduler" / "scheduler_config.json" if folder else None
     if candidate is not None and candidate.is_file():
         return json.loads(candidate.read_text(encoding="utf-8"))
-    return sd1_scheduler_config()
+    return dict(SD1_SCHEDULER_CONFIG)
 
 
 def _tokenizer_loader(*candidates: Path | None) -> Callable[[], object]:
@@ -198,7 +194,6 @@ def _single_file_config(path: Path, shapes: dict) -> Path:
     for part, config in inferred.items():
         (folder / part).mkdir()
         (folder / part / "config.json").write_text(json.dumps({"_class_name": _CLASS_NAMES[part], **config}))
-    shutil.copytree(SD1_CONFIG_DIR / "scheduler", folder / "scheduler")
     logger.info("%s is not SD 1.x-sized; using the architecture read off its tensor shapes: UNet widths %s, "
                 "context %d", path, inferred["unet"]["block_out_channels"], inferred["unet"]["cross_attention_dim"])
     return folder

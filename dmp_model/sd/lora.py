@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..adapters import detect_adapter_format, strip_prefixes
+from ..adapters import detect_adapter_format, fit_error, fold_alpha, shape_problem, strip_prefixes
 
 
 def to_peft_state_dict(state_dict: Mapping[str, torch.Tensor], unet_config, lora_alpha: float | None = None
@@ -49,11 +49,7 @@ def to_peft_state_dict(state_dict: Mapping[str, torch.Tensor], unet_config, lora
     if unsupported:
         raise ValueError(f"unsupported LoRA tensors (DoRA, biases or other adapter types): {unsupported[:3]}")
     for key in [k for k in tensors if k.endswith(".lora_B.weight")]:
-        down_key = key.replace(".lora_B.", ".lora_A.")
-        rank = tensors[key].shape[1]
-        alpha = alphas.get(down_key, lora_alpha)
-        if alpha is not None and alpha != rank:
-            tensors[key] = tensors[key] * (alpha / rank)
+        tensors[key] = fold_alpha(tensors[key], alphas.get(key.replace(".lora_B.", ".lora_A."), lora_alpha))
     return tensors
 
 
@@ -72,15 +68,10 @@ def check_adapter_fits(tensors: Mapping[str, torch.Tensor], unet: torch.nn.Modul
             problems.append(f"{name}: no such layer in this UNet")
         elif not isinstance(module, torch.nn.Linear):
             problems.append(f"{name}: is a {type(module).__name__}, only Linear layers are supported")
-        elif (down.shape[1], up.shape[0]) != (module.in_features, module.out_features):
-            problems.append(f"{name}: adapter maps {down.shape[1]}->{up.shape[0]} features, "
-                            f"the layer {module.in_features}->{module.out_features}")
+        elif problem := shape_problem(name, down.shape[1], up.shape[0], module.in_features, module.out_features):
+            problems.append(problem)
     if problems:
-        fitting = len(targets) - len(problems)
-        raise ValueError(
-            f"adapter does not fit this UNet ({fitting} of {len(targets)} layers fit; e.g. {problems[:3]}). "
-            "It was probably made for another base model (SD 2.x, SDXL, ...): DMP adapters need SD 1.x."
-        )
+        raise fit_error(len(targets), problems)
     return targets
 
 

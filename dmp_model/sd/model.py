@@ -28,9 +28,9 @@ from ..prediction.predict import (
     PredictOptions,
     ProgressCallback,
     StepCounter,
-    check_conditioning,
     chunk_rows,
     predict_images,
+    prompt_embeddings,
     sample_group,
 )
 from ..sampling import Denoiser, schedule_from_config
@@ -103,24 +103,26 @@ class DMPModel:
 
         Args:
             path: adapter file or folder.
-            name: adapter name (default: the folder name for DMP's layout, else the file stem).
+            name: adapter name (default: ``adapters.adapter_name``: the folder name for DMP's layout, else the
+                file stem; '~2', '~3'... appended when another file already holds that name).
             overrides: AdapterInfo fields that take precedence over metadata and name (e.g. task="depth").
 
         Returns:
             the adapter's AdapterInfo.
         """
         file = adapter_files.resolve_adapter_file(path)
-        natural_name = adapter_files.adapter_name_for(path)  # DMP's names carry the task: read them off the path
-        name = name or natural_name
+        files = {n: a.file for n, a in self._adapters.items() if not a.live}
+        name = name or adapter_files.adapter_name(adapter_files.adapter_name_for(path), file, files)
         stamp = (str(file.resolve()), file.stat().st_size, file.stat().st_mtime_ns)
         loaded = self._adapters.get(name)
         if loaded is not None and loaded.stamp == stamp:
             info = adapter_files.with_overrides(loaded.info, **overrides)
             self._adapters[name] = replace(loaded, info=info)
             return info
-        tensors, metadata, file = adapter_files.read_adapter(file)
-        peft_tensors = lora.to_peft_state_dict(tensors, self.unet.config, adapter_files.peft_alpha(metadata))
-        info = adapter_files.resolve_info(natural_name, metadata, tensors, overrides)
+        opened = adapter_files.open_adapter(path, overrides)
+        info = opened.info
+        alpha = adapter_files.peft_alpha(opened.metadata)
+        peft_tensors = lora.to_peft_state_dict(opened.tensors, self.unet.config, alpha)
         lora.check_adapter_fits(peft_tensors, self.unet)  # before an adapter it replaces is dropped
         peft_tensors = {k: v.to(self.device, self.dtype) for k, v in peft_tensors.items()}
         if loaded is not None:
@@ -169,8 +171,11 @@ class DMPModel:
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels [B, 3, H, W] in [-1, 1] -> latents [B, 4, H/8, W/8]: the distribution's mean, scaled."""
-        posterior = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        """Pixels [B, 3, H, W] in [0, 1] -> latents [B, 4, H/8, W/8]: the distribution's mean, scaled.
+
+        The VAE takes [-1, 1]: scaled here, right before it (in the pixels' own dtype, then cast).
+        """
+        posterior = self.vae.encode((pixels * 2 - 1).to(self.device, self.dtype)).latent_dist
         return posterior.mean * self.vae.config.scaling_factor
 
     @torch.no_grad()
@@ -220,10 +225,7 @@ class DMPModel:
         options = (options or PredictOptions()).updated(**settings)
         name = self._require_adapter(adapter)
         infos = {name: self._adapters[name].info}
-        check_conditioning(infos, latents.shape[0], prompt, prompt_embeds,
-                           self.empty_embedding() if prompt_embeds is not None else None)
-        if prompt is not None and infos[name].uses_prompts:
-            prompt_embeds = self.encode_prompts([prompt] if isinstance(prompt, str) else list(prompt))
+        prompt_embeds = prompt_embeddings(self, infos, latents.shape[0], prompt, prompt_embeds)
         progress = StepCounter(callback, options.steps * math.ceil(latents.shape[0] / options.batch_size))
         latents = latents.to(self.device, self.dtype)
         chunks = []

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-SCHEDULER_CONFIG_PATH = Path(__file__).parent / "configs" / "sd1" / "scheduler" / "scheduler_config.json"
+from ..sampling import SD1_SCHEDULER_CONFIG
+
+MODEL_INDEX_PATH = Path(__file__).parent / "configs" / "sd1" / "model_index.json"
 
 
 def tiny_unet_config(width: int = 32, cross_attention_dim: int = 32) -> dict:
@@ -130,9 +132,9 @@ def save_tiny_sd(folder: str | os.PathLike, seed: int = 0, with_tokenizer: bool 
     vae.save_pretrained(folder / "vae")
     text_encoder.save_pretrained(folder / "text_encoder")
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(
-        SCHEDULER_CONFIG_PATH.read_text(encoding="utf-8"), encoding="utf-8")
-    index = json.loads((SCHEDULER_CONFIG_PATH.parents[1] / "model_index.json").read_text(encoding="utf-8"))
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD1_SCHEDULER_CONFIG, indent=2),
+                                                                encoding="utf-8")
+    index = json.loads(MODEL_INDEX_PATH.read_text(encoding="utf-8"))
     if with_tokenizer:
         write_tiny_tokenizer(folder / "tokenizer")
     else:

@@ -22,12 +22,10 @@ near and far in metres).
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 
 import torch
 
-from ..options import check_option
+from ..options import check_option, check_real
 
 COLORMAPS = ("Spectral", "inferno", "turbo", "viridis", "gray")
 # Where normalisation ranges come from: each image, the whole batch (a clip), or given values.
@@ -89,19 +87,6 @@ def _lut(name: str) -> torch.Tensor:
     left = pos.floor().long().clamp(max=len(stops) - 2)
     frac = (pos - left).unsqueeze(1)
     return ((1 - frac) * stops[left] + frac * stops[left + 1]).float()
-
-
-def colormap_lut(name: str) -> torch.Tensor:
-    """The lookup table of a colour map.
-
-    Args:
-        name: one of COLORMAPS.
-
-    Returns:
-        float32 tensor [256, 3], RGB in [0, 1], entry k for value k / 255 (a fresh copy).
-    """
-    _check_name(name)
-    return _lut(name).clone()
 
 
 def colorize(values: torch.Tensor, name: str = "Spectral") -> torch.Tensor:
@@ -235,12 +220,17 @@ def value_range(
 
 def check_fixed_range(fixed_range, arg: str = "fixed_range") -> tuple[float, float]:
     """(low, high) as floats, or a ValueError naming `arg` unless two finite numbers with low < high."""
-    ok = isinstance(fixed_range, (tuple, list)) and len(fixed_range) == 2 and all(
-        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in fixed_range)
-    if not ok or not fixed_range[0] < fixed_range[1]:
-        raise ValueError(f"{arg} must be two finite numbers (low, high) with low < high for range_mode "
-                         f"'fixed', got {fixed_range!r}")
-    return float(fixed_range[0]), float(fixed_range[1])
+    error = ValueError(f"{arg} must be two finite numbers (low, high) with low < high for range_mode 'fixed', "
+                       f"got {fixed_range!r}")
+    if not (isinstance(fixed_range, (tuple, list)) and len(fixed_range) == 2):
+        raise error
+    try:
+        low, high = (check_real(f"{arg}[{i}]", v) for i, v in enumerate(fixed_range))
+    except (TypeError, ValueError) as err:
+        raise error from err
+    if not low < high:
+        raise error
+    return low, high
 
 
 def normalize_between(values: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -278,23 +268,6 @@ def normalize(
     return normalize_between(values, *value_range(values, range_mode, low_pct, high_pct, fixed_range))
 
 
-def normalize_per_image(
-    values: torch.Tensor, low_pct: float = 0.0, high_pct: float = 100.0
-) -> torch.Tensor:
-    """Per-image min-max normalisation between two percentiles: (v - P_low) / (P_high - P_low).
-
-    Args:
-        values: float tensor [B, H, W].
-        low_pct, high_pct: percentiles mapped to 0 and 1 (default: minimum and maximum); see
-            ``per_image_percentiles``.
-
-    Returns:
-        float32 tensor [B, H, W] in [0, 1], clamped. Non-finite values, and every pixel of an
-        image whose percentiles coincide (a constant image), give 0, never NaN.
-    """
-    return normalize(values, "image", low_pct, high_pct)
-
-
 def _check_values(values: torch.Tensor) -> None:
     if not isinstance(values, torch.Tensor) or not values.is_floating_point():
         got = f"{values.dtype} tensor" if isinstance(values, torch.Tensor) else type(values).__name__
@@ -304,10 +277,9 @@ def _check_values(values: torch.Tensor) -> None:
 
 
 def _check_percentiles(low_pct: float, high_pct: float) -> None:
-    for arg, pct in (("low_pct", low_pct), ("high_pct", high_pct)):
-        if isinstance(pct, bool) or not isinstance(pct, numbers.Real):
-            raise TypeError(f"{arg} must be a number, got {type(pct).__name__} {pct!r}")
-    if not 0 <= low_pct < high_pct <= 100:
+    check_real("low_pct", low_pct, 0, 100)
+    check_real("high_pct", high_pct, 0, 100)
+    if not low_pct < high_pct:
         raise ValueError(
             f"low_pct and high_pct must satisfy 0 <= low_pct < high_pct <= 100, got {low_pct}, {high_pct}"
         )

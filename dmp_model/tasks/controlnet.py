@@ -11,12 +11,9 @@ conventions of normals, and converting between them, live in ``normals.py``.
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 
-from ..options import check_option, describe_value
+from ..options import check_option, check_real, describe_value
 from .colormaps import RANGE_MODES, normalize, normalize_between, value_range
 from .normals import NORMAL_CONVENTIONS, convert_normals, normals_to_rgb, rgb_to_normals
 from .palettes import paint
@@ -85,11 +82,15 @@ def depth_to_control(
 
 def _near_far(near, far) -> tuple[float, float]:
     """Checked (near, far) in metres for range_mode "fixed"."""
-    ok = all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in (near, far))
-    if not ok or not 0 < near < far:
-        raise ValueError(f"near and far must be depths in metres with 0 < near < far for range_mode 'fixed', "
-                         f"got near={near!r}, far={far!r}")
-    return float(near), float(far)
+    error = ValueError(f"near and far must be depths in metres with 0 < near < far for range_mode 'fixed', "
+                       f"got near={near!r}, far={far!r}")
+    try:
+        near, far = check_real("near", near, 0, low_open=True), check_real("far", far, 0, low_open=True)
+    except (TypeError, ValueError) as err:
+        raise error from err
+    if not near < far:
+        raise error
+    return near, far
 
 
 def normals_to_control(

@@ -12,13 +12,12 @@ from __future__ import annotations
 import difflib
 import functools
 import json
-import numbers
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from ..options import check_option, describe_value
+from ..options import check_int, check_option, describe_value
 
 PALETTES = ("dmp", "ade20k")
 NUM_CLASSES = 150
@@ -225,9 +224,8 @@ def class_masks(ids: torch.Tensor, class_ids: Sequence[int]) -> torch.Tensor:
     """
     _check_ids(ids)
     wanted = list(class_ids)
-    for c in wanted:
-        if isinstance(c, bool) or not isinstance(c, numbers.Integral) or not 0 <= c < NUM_CLASSES:
-            raise ValueError(f"class_ids must hold integers in 0..{NUM_CLASSES - 1}, got {c!r}")
+    for i, c in enumerate(wanted):
+        check_int(f"class_ids[{i}]", c, 0, NUM_CLASSES - 1)
     wanted_t = torch.tensor([int(c) for c in wanted], dtype=ids.dtype, device=ids.device)
     return torch.isin(ids, wanted_t).float()
 

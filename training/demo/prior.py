@@ -223,10 +223,9 @@ def _warmup_cosine(warmup: int, total: int):
 
 def sd_alphas_cumprod() -> torch.Tensor:
     """SD 1.x's alphas_cumprod [1000] (scaled_linear betas 0.00085..0.012), from the bundled config."""
-    from dmp_model.sampling import schedule_from_config
-    from dmp_model.sd.tiny import SCHEDULER_CONFIG_PATH
+    from dmp_model.sampling import sd1_schedule
 
-    return schedule_from_config(json.loads(SCHEDULER_CONFIG_PATH.read_text(encoding="utf-8"))).alphas_cumprod
+    return sd1_schedule().alphas_cumprod
 
 
 # Building and caching ----------------------------------------------------------------------------

@@ -426,13 +426,6 @@ def scene_style(style: str | tuple[str, ...], index: int) -> str:
     return style if isinstance(style, str) else style[index % len(style)]
 
 
-def render_images(count: int, size: int = 64, seed: int = 0, start: int = 0,
-                  style: str | tuple[str, ...] = tuple(STYLES)) -> np.ndarray:
-    """Only the images of scenes start .. start + count - 1 (styles in turn): uint8 [N, size, size, 3]."""
-    return np.stack([_to_uint8(render(random_scene(seed, i, scene_style(style, i)), size, size).image)
-                     for i in range(start, start + count)])
-
-
 def write_dataset(folder: str | os.PathLike, count: int, size: int = 64, seed: int = 0,
                   start: int = 0, style: str | tuple[str, ...] = IN_DOMAIN_STYLE) -> Path:
     """Render `count` scenes into the folder layout ``dmp train`` reads.
