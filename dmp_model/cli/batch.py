@@ -152,11 +152,13 @@ def predict_image_files(job: ImageJob, files: Sequence[Path], stems: Mapping[Pat
         report: where outcomes go.
         progress: ``progress(pictures done in the batch, pictures to predict in all)`` after each batch.
     """
-    map_large_buffers()
+    libc = map_large_buffers()
     tracker = FileTracker(report)
     pictures = plan_pictures(job, files, stems, tracker)
     for batch in plan_batches(pictures, job.options.batch_size):
         run_batch(job, batch, tracker)
+        if libc is not None:
+            libc.malloc_trim(0)  # free pages inside the heap back to the system: the next size starts clean
         if progress is not None:
             progress(len(batch), len(pictures))
 
@@ -164,8 +166,9 @@ def predict_image_files(job: ImageJob, files: Sequence[Path], stems: Mapping[Pat
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
-def map_large_buffers(threshold: int = 1 << 20) -> None:
-    """Have glibc map every buffer above `threshold` bytes on its own and unmap it when freed.
+def map_large_buffers(threshold: int = 1 << 20):
+    """Have glibc map every buffer above `threshold` bytes on its own and unmap it when freed; returns
+    glibc (for ``malloc_trim`` between batches), or None off glibc.
 
     By default glibc serves buffers below its mmap threshold from its heap and raises the threshold
     to the largest buffer freed so far (up to 32 MiB): images of ever-new sizes then leave holes the
@@ -173,13 +176,17 @@ def map_large_buffers(threshold: int = 1 << 20) -> None:
     at 2.5x the memory of 48 same-size ones without this (docs/batch.md). A fixed threshold ends that;
     nothing is done off glibc or when the user set MALLOC_MMAP_THRESHOLD_ themselves.
     """
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+        if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+            libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+        libc.malloc_trim  # noqa: B018 (glibc has it; musl does not)
     except (OSError, AttributeError):  # not glibc (musl, ...): its allocator, its rules
         logger.debug("mallopt not available: large buffers left to the C library's defaults")
+        return None
+    return libc
 
 
 def plan_pictures(job: ImageJob, files: Sequence[Path], stems: Mapping[Path, Path],
