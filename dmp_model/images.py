@@ -9,6 +9,7 @@ back to the input size.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .io.image_files import (
+    ImageReadError,
+    decode_frame,
+    describe_error,
+    orientation_method,
+    pillow_warnings_logged,
+    upright_size,
+)
+
+logger = logging.getLogger(__name__)
 LATENT_FACTOR = 8
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -31,33 +42,162 @@ class Framing:
     padded_size: tuple[int, int]
 
 
-def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """An image file as float32 [3, H, W] in [0, 1], turned upright by its EXIF orientation as viewers show it."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def load_image(path: str | os.PathLike, frame: int = 0, max_pixels: int | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """An image file as float32 [3, H, W] in [0, 1], upright by its EXIF orientation as viewers show it.
 
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return pil_to_tensor(ImageOps.exif_transpose(image))
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
+    Every format Pillow decodes is read (``image_files.readable_extensions``); high-bit-depth and
+    float files follow ``pil_to_tensor``'s rules. Memory: the decoded frame (Pillow's, 1-4 bytes a
+    pixel) and the result (12 bytes a pixel), converted a band of rows at a time.
+
+    Args:
+        path: the file.
+        frame: 0-based picture of a multi-frame file (animation frame, MPO view, TIFF page).
+        max_pixels: refuse frames with more pixels (None: Pillow's decompression-bomb limit, 0: none).
+        out: a float32 [3, H, W] tensor to fill (a row of a batch); used when the image has its size,
+            else a new tensor is returned.
+
+    Raises:
+        ValueError (``ImageReadError``) naming the file and the reason, whatever went wrong reading it,
+        running out of memory included.
+    """
+    decoded, method = decode_frame(path, frame, max_pixels)
+    with decoded, pillow_warnings_logged(path):
+        try:
+            return _pil_pixels(decoded, method, out, str(path))
+        except Exception as err:  # a mode Pillow cannot convert, or out of memory for the pixels
+            height, width = upright_size(decoded, method)
+            raise ImageReadError(path, f"{describe_error(err)} (converting its {width}x{height} {decoded.mode} "
+                                       "pixels)", frame) from err
 
 
-def pil_to_tensor(image) -> torch.Tensor:
-    """A PIL image of any common mode (RGBA, grey, 16-bit, palette) as float32 [3, H, W] in [0, 1]."""
+def pil_to_tensor(image, *, upright: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A PIL image of any mode as float32 [3, H, W] in [0, 1].
+
+    Rules: transparent pixels are composited onto white, as viewers show them; grey becomes three
+    equal channels; 16-bit modes are divided by 65535; 32-bit integer ("I") images too when their
+    values lie in 0..65535; float ("F") images are kept when their finite values lie in [0, 1].
+    Other integer and float images are normalised by their own range (minimum -> 0, maximum -> 1)
+    with a log line: a float TIFF or PFM of any scale can be predicted. Non-finite float pixels
+    become 0 (+inf 1), with a log line.
+
+    Args:
+        image: the PIL image (its current frame).
+        upright: turn it by its EXIF orientation first (as ``load_image`` and ``to_image_batch`` do).
+        out: a float32 [3, H, W] tensor to fill when the result has its size.
+    """
     from PIL import Image
 
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64) / 65535.0
-    elif image.mode == "F":
-        array = np.asarray(image, dtype=np.float64)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL image, got {type(image).__name__}")
+    name = getattr(image, "filename", "") or "PIL image"
+    try:
+        image.load()  # a lazily opened file decodes here: its failures are the file's
+    except Exception as err:  # any plugin's failure on a damaged file (io.image_files)
+        raise ImageReadError(name, describe_error(err)) from err
+    with pillow_warnings_logged(name):
+        return _pil_pixels(image, orientation_method(image) if upright else None, out, name)
+
+
+# Rows converted at a time: the temporaries of a band (Pillow's crop and conversion, numpy, alpha)
+# stay a few MB whatever the image's size.
+_BAND_PIXELS = 1 << 20
+_RGB_MODES = ("RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def _pil_pixels(image, method, out: torch.Tensor | None, name: str) -> torch.Tensor:
+    """A decoded PIL image turned by `method` (None: as stored) into `out` or a new [3, H, W] tensor."""
+    height, width = upright_size(image, method)
+    if out is None or tuple(out.shape) != (3, height, width) or out.dtype != torch.float32:
+        out = torch.empty(3, height, width)
+    mode, channels = _band_mode(image)
+    rows = max(1, _BAND_PIXELS // image.width)
+    for top in range(0, image.height, rows):
+        bottom = min(top + rows, image.height)
+        band = image.crop((0, top, image.width, bottom))
+        band = band.convert(mode) if band.mode != mode else band
+        band = band.transpose(method) if method is not None else band
+        pixels = _band_tensor(np.asarray(band))                             # [h, w] or [h, w, C]
+        _fill(_region(out, method, image.height, top, bottom)[:channels], pixels)
+    if image.mode in ("I", "F"):
+        _normalise(out[0], image.mode, name)
+    if channels == 1:
+        out[1:] = out[0]
+    return out
+
+
+def _band_mode(image) -> tuple[str, int]:
+    """The mode a band is converted to, and how many channels of the result it fills."""
+    mode = image.mode
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        return mode, 1
+    if mode in ("LA", "La") or (mode == "L" and "transparency" in image.info):
+        return "LA", 1
+    if mode in ("RGBA", "RGBa", "PA") or (mode in ("P", "RGB") and "transparency" in image.info):
+        return "RGBA", 3
+    if mode in ("1", "L"):
+        return "L", 1
+    return "RGB", 3  # P, RGB, CMYK, YCbCr, LAB, HSV, ...
+
+
+def _region(out: torch.Tensor, method, stored_height: int, top: int, bottom: int) -> torch.Tensor:
+    """Where stored rows top..bottom land in the upright `out` [3, H, W] (see io.image_files._ORIENTATIONS)."""
+    from PIL import Image
+
+    T = Image.Transpose
+    if method in (None, T.FLIP_LEFT_RIGHT):
+        return out[:, top:bottom]
+    if method in (T.ROTATE_180, T.FLIP_TOP_BOTTOM):
+        return out[:, stored_height - bottom:stored_height - top]
+    if method in (T.TRANSPOSE, T.ROTATE_90):  # stored row y is upright column y
+        return out[:, :, top:bottom]
+    return out[:, :, stored_height - bottom:stored_height - top]  # ROTATE_270, TRANSVERSE: column H-1-y
+
+
+def _fill(target: torch.Tensor, pixels: torch.Tensor) -> None:
+    """Write a band [h, w] or [h, w, C] (uint8, uint16 as 16-bit, int32/float32 raw) into `target` [c, h, w];
+    an alpha channel composites onto white."""
+    pixels = pixels if pixels.ndim == 3 else pixels[:, :, None]
+    colour = pixels[:, :, :target.shape[0]].permute(2, 0, 1)
+    if pixels.dtype == torch.uint8:
+        target.copy_(colour).div_(255)
     else:
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            # Transparent pixels carry arbitrary colour: composite onto white, as viewers show them.
-            rgba = image.convert("RGBA")
-            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        array = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
-    return array_to_tensor(array)
+        target.copy_(colour)
+    if pixels.shape[2] in (2, 4):  # alpha: c * a + (1 - a)
+        alpha = pixels[:, :, -1].float().div_(255)
+        target.mul_(alpha).add_(1 - alpha)
+
+
+def _band_tensor(array: np.ndarray) -> torch.Tensor:
+    """A band's pixels as a tensor: uint8 as is, 16-bit as float32 / 65535, 32-bit int and float as float32."""
+    if array.dtype == np.uint8:
+        return torch.from_numpy(array.copy())  # Pillow's buffer is read-only
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # "I;16", "I;16B" (big-endian), ...
+        return torch.from_numpy(array.astype(np.float32)).div_(65535)
+    return torch.from_numpy(array.astype(np.float32))
+
+
+def _normalise(values: torch.Tensor, mode: str, name: str) -> None:
+    """32-bit integer and float images to [0, 1] in place (rules in ``pil_to_tensor``)."""
+    finite = torch.isfinite(values)
+    bad = int(values.numel() - finite.sum())
+    low, high = (torch.aminmax(values[finite]) if bad else torch.aminmax(values)) if bool(finite.any()) else (0, 0)
+    low, high = float(low), float(high)
+    if mode == "I" and 0 <= low and high <= 65535:
+        values.div_(65535)
+        return
+    if mode == "F" and 0 <= low and high <= 1:  # already in range: kept, only non-finite pixels replaced
+        if bad:
+            values.nan_to_num_(0.0, 1.0, 0.0)
+            logger.info("%s: %d non-finite pixels set to 0 (+inf to 1)", name, bad)
+        return
+    span = high - low
+    values.sub_(low).div_(span if span > 0 else 1)
+    if bad:
+        values.nan_to_num_(0.0, 1.0, 0.0)
+    logger.info("%s: %s values span %g..%g%s; normalised by their own range to 0..1", name,
+                "float" if mode == "F" else "32-bit integer", low, high,
+                f" ({bad} non-finite pixels set to 0 and +inf to 1)" if bad else "")
 
 
 def array_to_tensor(array: np.ndarray) -> torch.Tensor:
@@ -86,7 +226,11 @@ def to_image_batch(images) -> torch.Tensor:
 
     Accepts a tensor [B, 3, H, W] or [3, H, W] (float in [0, 1], or uint8), a PIL image, a numpy
     array, a file path, or a list of those (all of one size; a [B, 3, H, W] item brings B images).
-    Raises on empty input, non-finite pixels or mixed sizes.
+    Files and PIL images follow one rule: turned upright by their EXIF orientation (``load_image``,
+    ``pil_to_tensor(upright=True)``); a file's first frame is read (a PIL image's current one).
+    Tensors and arrays have no orientation: pass ``np.asarray(image)`` to keep a PIL image as stored.
+    Raises ValueError (or TypeError for unsupported types) on unreadable files, empty input,
+    non-finite pixels or mixed sizes.
     """
     from PIL import Image
 
@@ -110,7 +254,7 @@ def to_image_batch(images) -> torch.Tensor:
             if isinstance(item, (str, os.PathLike)):
                 tensors.append(load_image(item))
             elif isinstance(item, Image.Image):
-                tensors.append(pil_to_tensor(item))
+                tensors.append(pil_to_tensor(item, upright=True))
             elif isinstance(item, np.ndarray):
                 tensors.append(array_to_tensor(item))
             elif isinstance(item, torch.Tensor):
@@ -124,7 +268,7 @@ def to_image_batch(images) -> torch.Tensor:
         if len(sizes) > 1:
             raise ValueError(f"images of different sizes {sizes} cannot share a batch; "
                              "predict them separately (the CLI groups files by size)")
-        batch = torch.stack(tensors)
+        batch = tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)  # one image: no copy
     low, high = check_image_batch(batch)
     # No copy of a valid float32 batch (not even for layout): a clip's frames stay the caller's one
     # tensor, and prediction frames it chunk by chunk.
@@ -192,15 +336,75 @@ def unframe(decoded: torch.Tensor, framing: Framing) -> torch.Tensor:
     return decoded[..., : framing.processing_size[0], : framing.processing_size[1]]
 
 
-def list_images(inputs: Sequence[str | os.PathLike], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
-    """Image files among `inputs` (files, or folders searched recursively for `extensions`), sorted, de-duplicated."""
+@dataclass(frozen=True)
+class InputFiles:
+    """What a search of inputs found: files to predict, and files passed over with the reason."""
+
+    files: list[Path]
+    ignored: list[tuple[Path, str]]
+
+
+def find_inputs(inputs: Sequence[str | os.PathLike], extensions: Sequence[str] | None = None,
+                exclude: Sequence[str | os.PathLike] = ()) -> InputFiles:
+    """Files among `inputs`: files named are taken whatever their extension; folders are searched
+    recursively for `extensions` (default: every format Pillow decodes, ``readable_extensions``).
+
+    In folders, files of other extensions, hidden files (names starting with "."), anything that is
+    not a regular file, and everything under an `exclude` folder (the output folder) are passed over
+    and listed with the reason; sub-folders are searched whatever their names (``fake.jpg/`` too).
+    Results are sorted and de-duplicated.
+
+    Raises:
+        FileNotFoundError for an input that does not exist.
+    """
+    from .io.image_files import readable_extensions
+
+    extensions = tuple(e.lower() for e in (readable_extensions() if extensions is None else extensions))
+    excluded = {Path(e).resolve() for e in exclude}
     found: list[Path] = []
+    ignored: list[tuple[Path, str]] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found.extend(p for p in sorted(path.rglob("*")) if p.suffix.lower() in extensions)
+            _search(path, extensions, excluded, found, ignored)
         elif path.is_file():
             found.append(path)
         else:
             raise FileNotFoundError(f"input not found: {path}")
-    return sorted(dict.fromkeys(found))
+    files = sorted(dict.fromkeys(found))
+    taken = set(files)
+    return InputFiles(files, sorted({p: r for p, r in ignored if p not in taken}.items()))
+
+
+def _search(folder: Path, extensions: tuple[str, ...], excluded: set[Path], found: list[Path],
+            ignored: list[tuple[Path, str]]) -> None:
+    """Walk `folder` (links to folders not followed: they can loop), sorting what it holds into `found`
+    and `ignored`; the output folder is skipped without a word (it holds outputs, not inputs)."""
+    for root, folders, names in os.walk(folder):
+        here = Path(root)
+        for name in list(folders):
+            sub = here / name
+            if sub.resolve() in excluded or name.startswith(".") or sub.is_symlink():
+                folders.remove(name)
+                if sub.resolve() not in excluded:
+                    ignored.append((sub, "a hidden folder, not searched" if name.startswith(".")
+                                    else "a link to a folder, not followed (pass its target to predict it)"))
+        for name in names:
+            path = here / name
+            if name.startswith("."):
+                ignored.append((path, "a hidden file (its name starts with '.')"))
+            elif path.is_dir():  # a link to a folder
+                ignored.append((path, "a link to a folder, not followed (pass its target to predict it)"))
+            elif not path.is_file():
+                ignored.append((path, "not a regular file (a broken link, a device or a pipe)"))
+            elif path.suffix.lower() not in extensions:
+                ignored.append((path, f"not an image or video format this installation reads "
+                                      f"(extension {path.suffix or 'none'!r})"))
+            else:
+                found.append(path)
+
+
+def list_images(inputs: Sequence[str | os.PathLike], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Image files among `inputs` (files, or folders searched recursively for `extensions`), sorted,
+    de-duplicated; see ``find_inputs`` for what is passed over."""
+    return find_inputs(inputs, extensions).files

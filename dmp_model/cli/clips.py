@@ -29,6 +29,7 @@ from ..io.writers import prediction_paths, write_prediction
 from ..prediction.predict import PredictionBackend, PredictOptions, predict_images, visual_settings
 from ..prediction.temporal import TemporalAligner, clip_aligners
 from ..tasks.codecs import get_codec
+from .report import RunReport
 
 logger = logging.getLogger("dmp")
 
@@ -79,25 +80,22 @@ def check_clip_formats(formats: Sequence[str]) -> None:
                          "video and resuming read the frames' raw values back")
 
 
-def predict_clips(job: ClipJob, videos: Sequence[Path], stems: Mapping[Path, Path]) -> tuple[int, int, list[Path]]:
-    """Every video in turn (``predict_clip``), a progress bar each; failures are logged naming the file.
-
-    Returns:
-        (clips written, clips skipped as complete, the videos that failed).
-    """
+def predict_clips(job: ClipJob, videos: Sequence[Path], stems: Mapping[Path, Path], report: RunReport) -> None:
+    """Every video in turn (``predict_clip``), a progress bar each; one outcome per video in `report`
+    (a failure names the file and the reason; the frames written before it stay, and a rerun resumes)."""
     from tqdm import tqdm
 
-    written, skipped, failed = 0, 0, []
     for video in videos:
         try:
             with tqdm(desc=f"dmp predict {video.name}", unit="frame", disable=None) as bar:
                 done = predict_clip(job, video, stems[video], bar.update)
-        except (ValueError, OSError, RuntimeError) as err:  # RuntimeError: out of memory among others
-            logger.error("%s: %s", video, err)
-            failed.append(video)
+        except (ValueError, OSError, RuntimeError, MemoryError) as err:  # RuntimeError: out of memory among others
+            report.record(video, "failed", " ".join(str(err).split()))
             continue
-        written, skipped = written + done, skipped + (not done)
-    return written, skipped, failed
+        outputs = [path for name in job.adapters for path in (job.output / name / stems[video],
+                                                              job.preview_path(name, stems[video]))
+                   if path.exists()]
+        report.record(video, "written" if done else "skipped", None, outputs)
 
 
 def predict_clip(job: ClipJob, video: str | Path, stem: Path, progress: Callable[[int], None] | None = None) -> bool:

@@ -19,21 +19,25 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import torch
 
 from ..adapters import adapter_name_for
-from ..images import IMAGE_EXTENSIONS, list_images, load_image
+from ..images import InputFiles, find_inputs
 from ..io import writers
+from ..io.image_files import FRAMES, readable_extensions
 from ..io.video import VIDEO_EXTENSIONS, is_video, require_av
-from ..io.writers import prediction_paths, write_prediction
+from ..io.writers import prediction_paths
 from ..prediction.ensemble import ENSEMBLES
 from ..prediction.predict import DEFAULT_GUIDANCE, PredictOptions
 from ..sampling import FINAL_OUTPUTS, SAMPLERS, SPACINGS
 from ..sd.loading import PRECISIONS
 from ..tasks.colormaps import COLORMAPS
+from .batch import ImageJob, output_stems, predict_image_files
+from .report import RunReport, report_path
 
 logger = logging.getLogger("dmp")
 
@@ -87,7 +91,32 @@ def add_predict_parser(subparsers) -> None:
     p.add_argument("--uncertainty", action="store_true",
                    help="with --ensemble flip: also write _uncertainty.npy (the members' disagreement) and "
                         "_uncertainty.png (grey, white = high)")
+    add_file_options(p)
     p.set_defaults(func=run_predict)
+
+
+def add_file_options(p) -> None:
+    """Options about the input files and the run's record (docs/batch.md)."""
+    p.add_argument("--frames", choices=FRAMES, default="first",
+                   help="multi-frame files (animations, MPO, multi-page TIFF): predict the first frame (logged), "
+                        "or every frame as <name>/frame_000001... (default: %(default)s)")
+    p.add_argument("--max-pixels", type=_pixel_count, default=None, metavar="N",
+                   help="refuse images with more pixels, a guard against decompression bombs (default: Pillow's "
+                        "limit, 178956970); raise it for genuine gigapixel images (with --tile); 0 = no limit")
+    p.add_argument("--report", metavar="FILE",
+                   help="write one JSON line per input file: file, status (written, skipped, failed, ignored), "
+                        "reason, outputs")
+
+
+def _pixel_count(text: str) -> int:
+    """--max-pixels: a whole number of pixels, 0 for no limit (argparse shows the error)."""
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number of pixels (0 = no limit), got {text!r}")
+    return value
 
 
 def _parse_formats(text: str) -> tuple[str, ...]:
@@ -98,20 +127,6 @@ def _parse_formats(text: str) -> tuple[str, ...]:
     if "exr" in formats and not writers.exr_available():
         raise ValueError("--formats exr needs the OpenEXR package: pip install openexr")
     return formats
-
-
-def output_stems(files: Sequence[Path], inputs: Sequence[str]) -> dict[Path, Path]:
-    """Output path stem for each input file: its path relative to the folder it was found in."""
-    roots = [Path(i) for i in inputs if Path(i).is_dir()]
-    stems: dict[Path, Path] = {}
-    for file in files:
-        root = next((r for r in roots if file.is_relative_to(r)), None)
-        stems[file] = file.relative_to(root).with_suffix("") if root else Path(file.stem)
-    clashes = len(stems) - len(set(stems.values()))
-    if clashes:
-        raise ValueError(f"{clashes} input files would write to the same output names; "
-                         "pass folders instead of same-named files from different places")
-    return stems
 
 
 def _shard(files: list[Path]) -> tuple[list[Path], int, int, str]:
@@ -130,118 +145,134 @@ def _shard(files: list[Path]) -> tuple[list[Path], int, int, str]:
     return files[rank::world], rank, world, device
 
 
-def _image_batches(files: Sequence[Path], batch_size: int, failed: list[Path]):
-    """(files, images [b, 3, H, W]) of up to `batch_size` same-size images; unreadable files go to `failed`."""
-    pending: dict[tuple[int, int], list[tuple[Path, torch.Tensor]]] = {}
-    for file in files:
-        try:
-            image = load_image(file)
-        except ValueError as err:
-            logger.error("%s: %s", file, err)
-            failed.append(file)
-            continue
-        group = pending.setdefault(tuple(image.shape[-2:]), [])
-        group.append((file, image))
-        if len(group) == batch_size:
-            yield [f for f, _ in group], torch.stack([i for _, i in group])
-            group.clear()
-    for group in pending.values():
-        if group:
-            yield [f for f, _ in group], torch.stack([i for _, i in group])
+@dataclass(frozen=True)
+class _Request:
+    """A checked `dmp predict` command line: what to run on which files."""
+
+    formats: tuple[str, ...]
+    options: PredictOptions
+    clip_options: PredictOptions
+    inputs: InputFiles
+    stems: dict[Path, Path]
+    names: list[str]
+
+
+def _check_request(args: argparse.Namespace) -> _Request:
+    """Everything about the arguments and inputs that can be wrong, before any model loads (exit 2)."""
+    formats = _parse_formats(args.formats)
+    options = PredictOptions(steps=args.steps, sampler=args.sampler, spacing=args.spacing,
+                             processing_resolution=args.processing_resolution,
+                             guidance_scale=args.guidance_scale, final_output=args.final_output,
+                             batch_size=args.batch_size, colormap=args.colormap, tile=args.tile,
+                             tile_size=args.tile_size, tile_overlap=args.tile_overlap, ensemble=args.ensemble)
+    if args.uncertainty and args.ensemble == "none":
+        raise ValueError("--uncertainty needs --ensemble flip: the uncertainty is how far the ensemble's "
+                         "members disagree")
+    names = [adapter_name_for(path) for path in args.adapter]
+    output = Path(args.output)
+    inputs = find_inputs(args.inputs, readable_extensions() + VIDEO_EXTENSIONS,
+                         exclude=[output, *(output / name for name in names)])
+    if not inputs.files:
+        for path, reason in inputs.ignored:
+            logger.info("%s: ignored: %s", path, reason)
+        raise ValueError(f"no images found in {args.inputs} (nor video files)"
+                         + (f"; {len(inputs.ignored)} files passed over, listed above" if inputs.ignored else ""))
+    clip_options = options.updated(temporal_alignment=args.temporal_alignment)
+    if any(is_video(file) for file in inputs.files):  # clips: checked here, before the model loads
+        from .clips import check_clip_formats
+
+        check_clip_formats(formats)
+        require_av()
+        if args.uncertainty:
+            raise ValueError("--uncertainty writes one file per image and is not available for video inputs; "
+                             "predict the clip without it (or its frames as images)")
+    stems = output_stems(inputs.files, args.inputs)
+    if len(set(names)) < len(names):
+        raise ValueError(f"adapters must have distinct names, got {names}")
+    return _Request(formats, options, clip_options, inputs, stems, names)
+
+
+def _load_model(args: argparse.Namespace, device: str):
+    """The base and adapters (a wrong base or adapter is a usage error: ValueError)."""
+    from ..sd.model import DMPModel
+
+    model = DMPModel.from_pretrained(args.base, args.device if args.device != "auto" else device,
+                                     args.precision, args.config, args.tokenizer, args.cache_dir)
+    for path in args.adapter:
+        model.load_adapter(path)
+    if args.prompt and model.text.tokenizer is None:
+        raise ValueError("--prompt needs the CLIP tokenizer, and this base has none: pass --tokenizer "
+                         "<folder with vocab.json and merges.txt> (e.g. the tokenizer/ folder of an SD 1.x "
+                         "diffusers model)")
+    return model
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    """`dmp predict`: returns 0 when every image was written, 1 when some failed, 2 on bad arguments."""
-    from tqdm import tqdm
-
-    from ..sd.model import DMPModel, PredictOptions
-
+    """`dmp predict`: returns 0 when every input was written or skipped, 1 when some failed, 2 on bad arguments."""
     # 1. Arguments, inputs and output names: usage errors end here, before any model loads.
     try:
-        formats = _parse_formats(args.formats)
-        options = PredictOptions(steps=args.steps, sampler=args.sampler, spacing=args.spacing,
-                                 processing_resolution=args.processing_resolution,
-                                 guidance_scale=args.guidance_scale, final_output=args.final_output,
-                                 batch_size=args.batch_size, colormap=args.colormap, tile=args.tile,
-                                 tile_size=args.tile_size, tile_overlap=args.tile_overlap, ensemble=args.ensemble)
-        if args.uncertainty and args.ensemble == "none":
-            raise ValueError("--uncertainty needs --ensemble flip: the uncertainty is how far the ensemble's "
-                             "members disagree")
-        files = list_images(args.inputs, IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
-        if not files:
-            raise ValueError(f"no images found in {args.inputs} (nor video files)")
-        clip_options = options.updated(temporal_alignment=args.temporal_alignment)
-        if any(is_video(file) for file in files):  # clips: checked here, before the model loads
-            from .clips import check_clip_formats
-
-            check_clip_formats(formats)
-            require_av()
-            if args.uncertainty:
-                raise ValueError("--uncertainty writes one file per image and is not available for video inputs; "
-                                 "predict the clip without it (or its frames as images)")
-        stems = output_stems(files, args.inputs)
-        names = [adapter_name_for(path) for path in args.adapter]
-        if len(set(names)) < len(names):
-            raise ValueError(f"adapters must have distinct names, got {names}")
+        request = _check_request(args)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
         logger.error("%s", err)
         return 2
-    # 2. This process's share of the files, and the model (a wrong base or adapter is a usage error).
-    mine, rank, world, device = _shard(files)
+    # 2. This process's share of the files, its --report file, and the model (a wrong base or adapter, or a
+    #    report that cannot be written, is a usage error).
+    mine, rank, world, device = _shard(request.inputs.files)
     try:
-        model = DMPModel.from_pretrained(args.base, args.device if args.device != "auto" else device,
-                                         args.precision, args.config, args.tokenizer, args.cache_dir)
-        for path in args.adapter:
-            model.load_adapter(path)
-        if args.prompt and model.text.tokenizer is None:
-            raise ValueError("--prompt needs the CLIP tokenizer, and this base has none: pass --tokenizer "
-                             "<folder with vocab.json and merges.txt> (e.g. the tokenizer/ folder of an SD 1.x "
-                             "diffusers model)")
+        report = RunReport(report_path(args.report, rank, world))
+    except OSError as err:
+        logger.error("--report %s cannot be written: %s", args.report, err)
+        return 2
+    try:
+        model = _load_model(args, device)
     except (ValueError, TypeError, FileNotFoundError) as err:  # CheckpointError is a ValueError
         logger.error("%s", err)
+        report.close()
         return 2
+    try:
+        # 3. Images: skip what an earlier run wrote; the rest in same-size batches, one outcome per file.
+        if rank == 0:
+            for path, reason in request.inputs.ignored:
+                report.record(path, "ignored", reason)
+        _predict_images(args, request, model, [f for f in mine if not is_video(f)], report, rank, world)
+        # 4. Video files: each a clip, streamed in chunks, resumed at its first missing frame.
+        videos = [f for f in mine if is_video(f)]
+        if videos:
+            from .clips import ClipJob, predict_clips
+
+            job = ClipJob(model, {n: model.adapters[n] for n in request.names}, Path(args.output), request.formats,
+                          request.clip_options, args.prompt, args.overwrite)
+            predict_clips(job, videos, request.stems, report)
+        # 5. The summary per process (tests and users read it), the failed files by name.
+        report.summarise(rank, world)
+    finally:
+        report.close()
+    return 1 if report.failed else 0
+
+
+def _predict_images(args: argparse.Namespace, request: _Request, model, files: list[Path], report: RunReport,
+                    rank: int, world: int) -> None:
+    """Every image file of this process, with a progress bar: ``batch.predict_image_files`` loops over the
+    files; one image's outputs (every adapter, every format in `paths`) are written in ``batch.write_outputs``,
+    all or none."""
+    from tqdm import tqdm
+
     output = Path(args.output)
 
-    def paths(file: Path, name: str) -> dict[str, Path]:
-        return prediction_paths(model.adapters[name].task, stems[file], output / name, formats, args.uncertainty)
+    def paths(name: str, stem: Path) -> dict[str, Path]:
+        return prediction_paths(model.adapters[name].task, stem, output / name, request.formats, args.uncertainty)
 
-    # 3. Skip what an earlier run wrote; predict the rest in same-size batches, one encode for all tasks.
-    image_files = [f for f in mine if not is_video(f)]
-    todo = [f for f in image_files if args.overwrite or not all(list(paths(f, n).values())[-1].exists() for n in names)]
-    failed: list[Path] = []
-    bar = tqdm(total=len(todo), desc=f"dmp predict [{rank + 1}/{world}]" if world > 1 else "dmp predict",
-               unit="img", disable=None)
-    def predict_and_write(batch_files: list[Path], images: torch.Tensor) -> None:
-        results = model.predict_tasks(images, names, options, prompt=args.prompt)
-        for index, file in enumerate(batch_files):
-            for name, prediction in results.items():
-                write_prediction(prediction, index, paths(file, name))
+    def predict(images):
+        return model.predict_tasks(images, request.names, request.options, prompt=args.prompt)
 
-    for batch_files, images in _image_batches(todo, options.batch_size, failed):
-        try:
-            predict_and_write(batch_files, images)
-        except (ValueError, OSError, RuntimeError):  # retry one by one, so the error names its image
-            for index, file in enumerate(batch_files):
-                try:
-                    predict_and_write([file], images[index:index + 1])
-                except (ValueError, OSError, RuntimeError) as err:  # RuntimeError: out of memory among others
-                    logger.error("%s: %s", file, err)
-                    failed.append(file)
-        bar.update(len(batch_files))
-    bar.close()
-    # 4. Video files: each a clip, streamed in chunks, resumed at its first missing frame.
-    written, skipped = len(todo) - len(failed), len(image_files) - len(todo)
-    if len(image_files) < len(mine):
-        from .clips import ClipJob, predict_clips
+    job = ImageJob(predict, paths, request.names, request.options, args.frames, args.max_pixels, args.overwrite)
+    with tqdm(desc=f"dmp predict [{rank + 1}/{world}]" if world > 1 else "dmp predict", unit="img",
+              disable=None) as bar:
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done)
 
-        job = ClipJob(model, {n: model.adapters[n] for n in names}, output, formats, clip_options, args.prompt,
-                      args.overwrite)
-        clips_written, clips_skipped, clips_failed = predict_clips(job, [f for f in mine if is_video(f)], stems)
-        written, skipped, failed = written + clips_written, skipped + clips_skipped, failed + clips_failed
-    # 5. One summary line per process (tests and users read it).
-    logger.info("process %d/%d: %d written, %d skipped (already there), %d failed",
-                rank + 1, world, written, skipped, len(failed))
-    return 1 if failed else 0
+        predict_image_files(job, files, request.stems, report, advance)
 
 
 def build_parser() -> argparse.ArgumentParser:

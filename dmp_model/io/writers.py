@@ -296,15 +296,47 @@ def prediction_paths(task: str, stem: Path, folder: Path, formats: Sequence[str]
     return paths
 
 
-def write_prediction(prediction, index: int, paths: dict[str, Path]) -> None:
-    """Write one image of a Prediction to `paths` (from ``prediction_paths``), each file atomically."""
-    raw = prediction.raw[index].numpy()
-    for file_format, path in paths.items():
-        if file_format == "visual":
-            write_png8(path, prediction.visual[index].numpy())
-        elif file_format == "uncertainty_npy":
-            write_npy(path, prediction.uncertainty[index].numpy())
-        elif file_format == "uncertainty_png":
-            write_png8(path, prediction.uncertainty_visual[index].numpy())
-        else:
-            write_raw(path, prediction.task, raw, file_format)
+def write_prediction(prediction, index: int, paths: dict[str, Path]) -> list[Path]:
+    """Write one image of a Prediction to `paths` (from ``prediction_paths``) as one set (``write_predictions``)."""
+    return write_predictions([(prediction, index, paths)])
+
+
+def write_predictions(entries: Sequence[tuple[object, int, dict[str, Path]]]) -> list[Path]:
+    """Write one image's predictions, all files or none: (Prediction, row, paths) per adapter.
+
+    Every file is first written to a hidden temporary name beside its target; only when all are
+    written are they renamed onto their targets, each entry's last path (its done marker, see
+    ``prediction_paths``) after all the others. On any failure (a full disk, out of memory, an
+    interruption) the temporary files are removed and no target is touched, so an image never
+    ends with some outputs and not others.
+
+    Returns:
+        the paths written, in the order they were committed.
+    """
+    staged: list[tuple[Path, Path, bool]] = []  # (temporary, target, is a done marker)
+    try:
+        for prediction, index, paths in entries:
+            raw = prediction.raw[index].numpy()
+            for position, (file_format, path) in enumerate(paths.items()):
+                temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")
+                staged.append((temp, path, position == len(paths) - 1))
+                _write_output(prediction, index, raw, file_format, temp)
+        staged.sort(key=lambda item: item[2])  # stable: the markers last, each group in writing order
+        for temp, path, _ in staged:
+            os.replace(temp, path)
+    except BaseException:
+        for temp, _, _ in staged:
+            temp.unlink(missing_ok=True)
+        raise
+    return [path for _, path, _ in staged]
+
+
+def _write_output(prediction, index: int, raw: np.ndarray, file_format: str, path: Path) -> None:
+    if file_format == "visual":
+        write_png8(path, prediction.visual[index].numpy())
+    elif file_format == "uncertainty_npy":
+        write_npy(path, prediction.uncertainty[index].numpy())
+    elif file_format == "uncertainty_png":
+        write_png8(path, prediction.uncertainty_visual[index].numpy())
+    else:
+        write_raw(path, prediction.task, raw, file_format)

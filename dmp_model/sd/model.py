@@ -252,6 +252,11 @@ class DMPModel:
 
         Returns:
             a Prediction at the input size.
+
+        Raises:
+            ValueError for bad inputs and settings (a file that cannot be read names the file and the
+            reason, e.g. a decompression bomb or a truncated file), TypeError for unsupported types.
+            Files and PIL images are turned upright by their EXIF orientation alike (docs/batch.md).
         """
         name = self._require_adapter(adapter)
         return self.predict_tasks(images, [name], options, prompt=prompt, prompt_embeds=prompt_embeds,
