@@ -203,7 +203,7 @@ def test_no_import_cycles_among_the_package_modules(package):
 
 # The engine's layers, lowest first (a folder or a top-level module each): a module imports its own layer
 # and the layers below it only. The package's public API (dmp_model/__init__.py, __main__.py) sits on top.
-LAYERS = ("options", "io", "images", "sampling", "tasks", "adapters", "prediction", "sd", "cli")
+LAYERS = ("options", "io", "images", "sampling", "tasks", "adapters", "prediction", "geometry", "sd", "cli")
 
 
 def layer_of(module: str) -> str | None:
