@@ -34,6 +34,7 @@ from ..prediction.predict import DEFAULT_GUIDANCE, PredictOptions
 from ..sampling import FINAL_OUTPUTS, SAMPLERS, SPACINGS
 from ..sd.loading import PRECISIONS
 from ..tasks.colormaps import COLORMAPS
+from .assets import add_export_3d_arguments, asset_done, asset_settings, check_asset_tasks, write_image_asset
 
 logger = logging.getLogger("dmp")
 
@@ -87,6 +88,7 @@ def add_predict_parser(subparsers) -> None:
     p.add_argument("--uncertainty", action="store_true",
                    help="with --ensemble flip: also write _uncertainty.npy (the members' disagreement) and "
                         "_uncertainty.png (grey, white = high)")
+    add_export_3d_arguments(p)
     p.set_defaults(func=run_predict)
 
 
@@ -180,6 +182,7 @@ def run_predict(args: argparse.Namespace) -> int:
                 raise ValueError("--uncertainty writes one file per image and is not available for video inputs; "
                                  "predict the clip without it (or its frames as images)")
         stems = output_stems(files, args.inputs)
+        assets = asset_settings(args, files)  # --export-3d: None without it
         names = [adapter_name_for(path) for path in args.adapter]
         if len(set(names)) < len(names):
             raise ValueError(f"adapters must have distinct names, got {names}")
@@ -197,6 +200,7 @@ def run_predict(args: argparse.Namespace) -> int:
             raise ValueError("--prompt needs the CLIP tokenizer, and this base has none: pass --tokenizer "
                              "<folder with vocab.json and merges.txt> (e.g. the tokenizer/ folder of an SD 1.x "
                              "diffusers model)")
+        check_asset_tasks(assets, (model.adapters[n].task for n in names))
     except (ValueError, TypeError, FileNotFoundError) as err:  # CheckpointError is a ValueError
         logger.error("%s", err)
         return 2
@@ -207,7 +211,8 @@ def run_predict(args: argparse.Namespace) -> int:
 
     # 3. Skip what an earlier run wrote; predict the rest in same-size batches, one encode for all tasks.
     image_files = [f for f in mine if not is_video(f)]
-    todo = [f for f in image_files if args.overwrite or not all(list(paths(f, n).values())[-1].exists() for n in names)]
+    todo = [f for f in image_files if args.overwrite or not all(list(paths(f, n).values())[-1].exists() for n in names)
+            or not asset_done(assets, output, stems[f])]
     failed: list[Path] = []
     bar = tqdm(total=len(todo), desc=f"dmp predict [{rank + 1}/{world}]" if world > 1 else "dmp predict",
                unit="img", disable=None)
@@ -216,6 +221,7 @@ def run_predict(args: argparse.Namespace) -> int:
         for index, file in enumerate(batch_files):
             for name, prediction in results.items():
                 write_prediction(prediction, index, paths(file, name))
+            write_image_asset(assets, output, stems[file], images, results, index)
 
     for batch_files, images in _image_batches(todo, options.batch_size, failed):
         try:
