@@ -46,7 +46,7 @@ class DMPTo3D:
             "vertex_budget": ("INT", {"default": DEFAULTS.vertex_budget, "min": MIN_VERTEX_BUDGET,
                                       "max": 1 << 26, "tooltip":
                                       "At most this many vertices (points): larger images are sampled on a "
-                                      "coarser pixel grid (1,000,000: about 40 MB of .glb geometry)."}),
+                                      "coarser pixel grid (1,000,000: a mesh .glb of about 55 MB)."}),
             "filename_prefix": ("STRING", {"default": "3d/DMP", "tooltip":
                                            "File name prefix inside ComfyUI's output folder (3d/ is where "
                                            "Preview 3D looks); ComfyUI's counter is appended."}),
