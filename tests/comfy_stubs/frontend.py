@@ -126,6 +126,28 @@ class Frontend:
                   " const p = await window.app.graphToPrompt(); return JSON.stringify(p.output); })()")
         return json.loads(self.evaluate(script))
 
+    def call(self, method: str, params: dict | None = None) -> dict:
+        """Send a DevTools command and return its result (events arriving meanwhile are skipped)."""
+        self.next_id += 1
+        self.socket.send(json.dumps({"id": self.next_id, "method": method, "params": params or {}}))
+        while (reply := json.loads(self.socket.receive())).get("id") != self.next_id:
+            pass
+        if "error" in reply:
+            raise RuntimeError(f"DevTools {method}: {reply['error']}")
+        return reply["result"]
+
+    def set_viewport(self, width: int, height: int) -> None:
+        """Lay the page out at `width` x `height` CSS pixels (screenshots are that size)."""
+        self.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1,
+                                                         "mobile": False})
+        time.sleep(1)  # the app resizes its canvas on the next frame
+
+    def screenshot(self, path) -> None:
+        """Save what the page shows as a PNG file."""
+        data = self.call("Page.captureScreenshot", {"format": "png"})["data"]
+        with open(path, "wb") as file:
+            file.write(base64.b64decode(data))
+
     def close(self) -> None:
         self.process.terminate()
         try:
