@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import comfy_bridge
 from .adapters import DMPLoadAdapter
+from .geometry import DMPTo3D
 from .maps import DMPDepthColorize, DMPDepthToControlNet, DMPIntrinsics, DMPNormalsToControlNet, DMPSegmentation
 from .predict import DMPPredict, DMPPredictTasks, DMPUncertainty
 from .save import DMPSave
@@ -26,6 +27,7 @@ NODE_CLASS_MAPPINGS = {
     "DMPSegmentation": DMPSegmentation,
     "DMPIntrinsics": DMPIntrinsics,
     "DMPSave": DMPSave,
+    "DMPTo3D": DMPTo3D,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -39,6 +41,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DMPSegmentation": "DMP Segmentation → ADE20K + Mask",
     "DMPIntrinsics": "DMP Intrinsics (Albedo, Shading)",
     "DMPSave": "DMP Save Prediction",
+    "DMPTo3D": "DMP → 3D",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

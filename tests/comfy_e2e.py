@@ -27,7 +27,11 @@ check. Resolutions and sampler steps are lowered for the CPU (--as-shipped keeps
 - bad input (a non-SD 1.x model, an SDXL LoRA, corrupt, truncated and pickled adapter files, a
   prediction given to another task's node, an unknown class name, a missing file) must come back
   as ComfyUI execution errors with the expected messages, and the server must go on working;
-- Cancel during sampling stops within one step; 20 repeated runs keep the server's memory flat.
+- Cancel during sampling stops within one step; 20 repeated runs keep the server's memory flat;
+- workflow 6's .glb, re-read with an independent glTF reader (tests/asset_readers.py), holds a mesh
+  with unit normals and a texture of the image's size; with Chromium, the frontend's Preview 3D
+  widget is handed that run's output (as on an "executed" message), must fetch the file, and is
+  photographed to preview3d.png in the base directory (kept with --keep) for a person to look at.
 
 The run prints a summary and exits non-zero on any failure.
 
@@ -483,6 +487,72 @@ def check_library_parity(base: Path, name: str, prompt: dict, result: dict) -> s
     return f"ok    {name}: equals DMPModel.predict to {error:.1e} of the depth range ({span:.2f} m)"
 
 
+def check_asset(base: Path, name: str, prompt: dict, result: dict) -> str:
+    """Workflow 6's .glb read back independently: triangles, unit normals, a texture of the image's size, and
+    Preview 3D given its path."""
+    import numpy as np
+    from PIL import Image
+
+    from asset_readers import Glb
+
+    node = node_of(prompt, "DMPTo3D")
+    (file,) = result["outputs"][node]["dmp_files"]
+    path = base / "output" / file["subfolder"] / file["filename"]
+    glb = Glb(path)
+    vertices = faces = 0
+    for _part, primitive in glb.primitives():
+        positions, normals = (glb.accessor(primitive["attributes"][k]) for k in ("POSITION", "NORMAL"))
+        if not (np.isfinite(positions).all() and np.allclose(np.linalg.norm(normals, axis=1), 1, atol=1e-4)):
+            raise AssertionError(f"{name}: {path.name} has non-finite positions or normals not of unit length")
+        vertices, faces = vertices + len(positions), faces + len(glb.accessor(primitive["indices"])) // 3
+    with Image.open(base / "input" / "example.png") as image:
+        size = image.size
+    if faces == 0 or glb.image().size != size:
+        raise AssertionError(f"{name}: {path.name} has {faces} triangles and a {glb.image().size} texture; "
+                             f"expected triangles and the image's size {size}")
+    shown = result["outputs"][node_of(prompt, "Preview3D")]["result"][0]
+    if shown != f"{file['subfolder']}/{file['filename']}":
+        raise AssertionError(f"{name}: Preview 3D was given {shown!r}, not the file written ({file})")
+    return (f"ok    {name}: {file['subfolder']}/{file['filename']} re-read: {vertices} vertices, {faces} triangles, "
+            f"unit normals, texture {size[0]} x {size[1]}, {path.stat().st_size / 1024:.0f} KiB")
+
+
+def check_preview_3d(server: Server, chromium: str, base: Path, workflow: dict, output: dict) -> str:
+    """ComfyUI's frontend shows workflow 6's asset in core's Preview 3D widget; a screenshot is kept for a person.
+
+    The widget is handed the server's output for its node as the frontend does on an "executed"
+    message (``node.onExecuted``); it must then fetch the file through /view.
+    """
+    from comfy_stubs.frontend import Frontend
+
+    def wait_for(expression: str, what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not frontend.evaluate(expression):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"Preview 3D: {what} within {timeout:.0f} s")
+            time.sleep(1)
+
+    frontend = Frontend(chromium, server.url)
+    screenshot, name = base / "preview3d.png", output["result"][0].rsplit("/", 1)[-1]
+    node_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "Preview3D")
+    node = f"window.app.graph.getNodeById({node_id})"
+    try:
+        frontend.set_viewport(1280, 900)
+        frontend.evaluate(f"window.app.loadGraphData({json.dumps(workflow)})")
+        # In view at scale 1, so that the widget mounts its viewer (which then takes over onExecuted).
+        frontend.evaluate(f"(() => {{ const c = window.app.canvas; c.ds.scale = 1; c.centerOnNode({node}); "
+                          "c.setDirty(true, true); })()")
+        wait_for(f"typeof {node}.onExecuted === 'function'", "the widget's viewer did not start")
+        frontend.evaluate(f"{node}.onExecuted({json.dumps(output)})")
+        wait_for(f"performance.getEntriesByType('resource').some(e => e.name.includes({json.dumps(name)}))",
+                 f"the frontend did not fetch {name}")
+        time.sleep(5)  # the viewer parses the file and renders it (SwiftShader WebGL in headless Chromium)
+        frontend.screenshot(screenshot)
+    finally:
+        frontend.close()
+    return f"ok    Preview 3D fetched {name}; screenshot {screenshot}"
+
+
 def check_one_base_load(server: Server, base: Path, name: str, prompt: dict) -> str:
     """Generation and DMP on one checkpoint: the graph loads one model (one 'model_type' line in the log)."""
     requests = urllib.request.Request(server.url + "/free", data=json.dumps({"unload_models": True,
@@ -586,6 +656,12 @@ def run_checks(server: Server, base: Path, as_shipped: bool = False,
         report.append(line)
         if name.startswith("1_"):
             report.append(check_library_parity(base, f"{name}, raw depth", prompt, result))
+        if name.startswith("6_"):
+            report.append(check_asset(base, name, prompt, result))
+            if chromium:
+                report.append(check_preview_3d(server, chromium, base, json.loads(
+                    (WORKFLOWS / f"{name}.json").read_text(encoding="utf-8")),
+                    result["outputs"][node_of(prompt, "Preview3D")]))
     # 2. Prompts (ComfyUI's tokenizer, CLIP Text Encode's CONDITIONING), other loaders and folders.
     texted = copy.deepcopy(first)
     texted[node_of(texted, "DMPPredict")]["inputs"]["prompt"] = "a bedroom with a large bed"

@@ -218,7 +218,7 @@ def test_the_demo_sits_on_the_trainer_and_only_the_commands_reach_it():
 
 # The engine's layers, lowest first (a folder or a top-level module each): a module imports its own layer
 # and the layers below it only. The package's public API (dmp_model/__init__.py, __main__.py) sits on top.
-LAYERS = ("options", "io", "images", "sampling", "tasks", "adapters", "prediction", "sd", "cli")
+LAYERS = ("options", "io", "images", "sampling", "tasks", "adapters", "prediction", "geometry", "sd", "cli")
 
 
 def layer_of(module: str) -> str | None:

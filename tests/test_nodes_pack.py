@@ -17,7 +17,7 @@ from comfy_stubs.model_files import ADAPTER_FILE, write_tiny_models
 
 ROOT = stand_ins.PACK_ROOT
 NODE_IDS = ("DMPLoadAdapter", "DMPPredict", "DMPPredictTasks", "DMPUncertainty", "DMPDepthToControlNet",
-            "DMPDepthColorize", "DMPNormalsToControlNet", "DMPSegmentation", "DMPIntrinsics", "DMPSave")
+            "DMPDepthColorize", "DMPNormalsToControlNet", "DMPSegmentation", "DMPIntrinsics", "DMPSave", "DMPTo3D")
 SOCKET_TYPES = {"DMP_MODEL", "DMP_PREDICTION", "IMAGE", "MASK", "CONDITIONING", "STRING", "MODEL", "VAE", "CLIP"}
 # What ComfyUI does not install: the pack must run without them (the engine's library path uses them).
 MODEL_LIBRARIES = ("diffusers", "peft", "transformers", "accelerate")
@@ -185,7 +185,7 @@ def test_node_definition_is_well_formed(pack, node_id):
     assert isinstance(returns, tuple) and all(isinstance(t, str) for t in returns)
     assert len(getattr(node, "RETURN_NAMES", returns)) == len(returns)
     assert len(node.OUTPUT_TOOLTIPS) == len(returns) and all(node.OUTPUT_TOOLTIPS)
-    assert getattr(node, "OUTPUT_NODE", False) == (node_id == "DMPSave")
+    assert getattr(node, "OUTPUT_NODE", False) == (node_id in ("DMPSave", "DMPTo3D"))  # they write files
 
 
 def test_function_arguments_match_inputs(pack):

@@ -54,7 +54,7 @@ def test_there_are_the_workflows_of_the_issues():
     assert [p.name for p in WORKFLOWS] == ["1_depth_normals_to_controlnet.json",
                                           "2_sd15_depth_controlnet_regeneration.json",
                                           "3_all_five_tasks.json", "4_segmentation_mask_inpainting.json",
-                                          "5_video_depth_to_controlnet.json"]
+                                          "5_video_depth_to_controlnet.json", "6_image_to_relightable_3d.json"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -97,6 +97,12 @@ def test_the_issue_layouts(setup):
     assert {"DMPSegmentation", "SetLatentNoiseMask", "KSampler"} <= kinds[3]
     assert {"LoadVideo", "GetVideoComponents", "DMPPredict", "DMPDepthToControlNet", "CreateVideo",
             "SaveVideo"} <= kinds[4]
+    assert {"LoadImage", "DMPPredictTasks", "DMPTo3D", "Preview3D"} <= kinds[5]
+    asset = to_api(_load(WORKFLOWS[5]), info)
+    (to3d,) = [k for k, e in asset.items() if e["class_type"] == "DMPTo3D"]
+    assert {name: asset[to3d]["inputs"][name][1] for name in ("depth", "normal", "albedo")} == {
+        "depth": 0, "normal": 1, "albedo": 3}  # DMP Predict Tasks' outputs of those tasks
+    assert all(e["inputs"]["model_file"] == [to3d, 0] for e in asset.values() if e["class_type"] == "Preview3D")
     video = to_api(_load(WORKFLOWS[4]), info)
     predict = next(e["inputs"] for e in video.values() if e["class_type"] == "DMPPredict")
     assert predict["batch_kind"] == "video" and predict["temporal_alignment"] == 1.0

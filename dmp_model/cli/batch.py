@@ -28,6 +28,7 @@ from ..images import load_image
 from ..io.image_files import ImageReadError, read_header
 from ..io.writers import write_predictions
 from ..prediction.predict import PredictOptions
+from .assets import AssetOutput
 from .report import RunReport
 
 logger = logging.getLogger("dmp")
@@ -84,6 +85,8 @@ class ImageJob:
         frames: "first" or "all" (io.image_files.FRAMES).
         max_pixels: pixel limit (None: Pillow's, 0: none).
         overwrite: recompute outputs that exist.
+        asset: one more output per picture, written with the others as one set (``assets.AssetOutput``,
+            --export-3d), or None.
     """
 
     predict: Callable[[torch.Tensor], dict]
@@ -93,6 +96,7 @@ class ImageJob:
     frames: str = "first"
     max_pixels: int | None = None
     overwrite: bool = False
+    asset: AssetOutput | None = None
 
 
 @dataclass(frozen=True)
@@ -222,11 +226,14 @@ def plan_pictures(job: ImageJob, files: Sequence[Path], stems: Mapping[Path, Pat
 
 
 def _done(job: ImageJob, stem: Path) -> bool:
-    return all(list(job.paths(name, stem).values())[-1].exists() for name in job.names)
+    return (all(list(job.paths(name, stem).values())[-1].exists() for name in job.names)
+            and (job.asset is None or job.asset.path(stem).exists()))
 
 
 def _existing(job: ImageJob, stem: Path) -> list[Path]:
-    return [path for name in job.names for path in job.paths(name, stem).values() if path.exists()]
+    asset = [job.asset.path(stem)] if job.asset is not None else []
+    return [path for name in job.names for path in job.paths(name, stem).values() if path.exists()] + \
+        [path for path in asset if path.exists()]
 
 
 def plan_batches(pictures: Sequence[Picture], batch_size: int) -> Iterator[list[Picture]]:
@@ -281,17 +288,23 @@ def predict_and_write(job: ImageJob, pictures: Sequence[Picture], images: torch.
             tracker.done(pictures[0], "failed", prediction_failure(err, images.shape[-2:]))
         return
     for index, picture in enumerate(pictures):
-        tracker.done(picture, *write_outputs(job, picture, results, index))
+        tracker.done(picture, *write_outputs(job, picture, results, images, index))
 
 
-def write_outputs(job: ImageJob, picture: Picture, results: Mapping, index: int
+def write_outputs(job: ImageJob, picture: Picture, results: Mapping, images: torch.Tensor, index: int
                   ) -> tuple[str, str | None, list[Path]]:
-    """Write one picture's outputs of every adapter as one set: (status, reason, paths written)."""
+    """Write one picture's outputs of every adapter (and its 3D asset) as one set: (status, reason, paths
+    written). The asset goes first, as the likelier to fail, and is removed if the predictions' files fail."""
     entries = [(results[name], index, job.paths(name, picture.stem)) for name in job.names]
+    asset: list[Path] = []
     try:
-        return "written", None, write_predictions(entries)
+        if job.asset is not None:
+            asset.append(job.asset.write(picture.stem, images, results, index))
+        return "written", None, write_predictions(entries) + asset
     except PREDICTION_ERRORS as err:
         _free_memory(err)
+        for path in asset:
+            path.unlink(missing_ok=True)
         return "failed", f"writing its outputs failed, none were written ({_one_line(err)})", []
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import adapter_name_for
+from ..geometry.export import AssetSettings
 from ..images import InputFiles, find_inputs
 from ..io import writers
 from ..io.image_files import FRAMES, readable_extensions
@@ -36,6 +37,7 @@ from ..prediction.predict import DEFAULT_GUIDANCE, PredictOptions
 from ..sampling import FINAL_OUTPUTS, SAMPLERS, SPACINGS
 from ..sd.loading import PRECISIONS
 from ..tasks.colormaps import COLORMAPS
+from .assets import AssetOutput, add_export_3d_arguments, asset_settings, check_asset_tasks
 from .batch import ImageJob, output_stems, predict_image_files
 from .report import RunReport, report_path
 
@@ -92,6 +94,7 @@ def add_predict_parser(subparsers) -> None:
                    help="with --ensemble flip: also write _uncertainty.npy (the members' disagreement) and "
                         "_uncertainty.png (grey, white = high)")
     add_file_options(p)
+    add_export_3d_arguments(p)
     p.set_defaults(func=run_predict)
 
 
@@ -155,6 +158,7 @@ class _Request:
     inputs: InputFiles
     stems: dict[Path, Path]
     names: list[str]
+    assets: AssetSettings | None  # --export-3d, else None
 
 
 def _check_request(args: argparse.Namespace) -> _Request:
@@ -189,7 +193,8 @@ def _check_request(args: argparse.Namespace) -> _Request:
     stems = output_stems(inputs.files, args.inputs)
     if len(set(names)) < len(names):
         raise ValueError(f"adapters must have distinct names, got {names}")
-    return _Request(formats, options, clip_options, inputs, stems, names)
+    assets = asset_settings(args, inputs.files)
+    return _Request(formats, options, clip_options, inputs, stems, names, assets)
 
 
 def _load_model(args: argparse.Namespace, device: str):
@@ -225,6 +230,7 @@ def run_predict(args: argparse.Namespace) -> int:
         return 2
     try:
         model = _load_model(args, device)
+        check_asset_tasks(request.assets, (model.adapters[n].task for n in request.names))
     except (ValueError, TypeError, FileNotFoundError) as err:  # CheckpointError is a ValueError
         logger.error("%s", err)
         report.close()
@@ -265,7 +271,9 @@ def _predict_images(args: argparse.Namespace, request: _Request, model, files: l
     def predict(images):
         return model.predict_tasks(images, request.names, request.options, prompt=args.prompt)
 
-    job = ImageJob(predict, paths, request.names, request.options, args.frames, args.max_pixels, args.overwrite)
+    asset = AssetOutput(request.assets, output) if request.assets is not None else None
+    job = ImageJob(predict, paths, request.names, request.options, args.frames, args.max_pixels, args.overwrite,
+                   asset)
     with tqdm(desc=f"dmp predict [{rank + 1}/{world}]" if world > 1 else "dmp predict", unit="img",
               disable=None) as bar:
         def advance(done: int, total: int) -> None:

@@ -178,6 +178,18 @@ class Frontend:
         where it writes them)."""
         return json.loads(self.evaluate("JSON.stringify(window.app.graph.serialize())"))
 
+    def set_viewport(self, width: int, height: int) -> None:
+        """Lay the page out at `width` x `height` CSS pixels (screenshots are that size)."""
+        self.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1,
+                                                         "mobile": False})
+        time.sleep(1)  # the app resizes its canvas on the next frame
+
+    def screenshot(self, path) -> None:
+        """Save what the page shows as a PNG file."""
+        data = self.call("Page.captureScreenshot", {"format": "png"})["data"]
+        with open(path, "wb") as file:
+            file.write(base64.b64decode(data))
+
     def close(self) -> None:
         self.process.terminate()
         try:
