@@ -4,7 +4,7 @@ DMP's sampler is deterministic, so an ensemble must come from transformations of
 The horizontal mirror is the one every task allows (the paper trains with random flips, normals
 aside): the mirror's prediction is brought back to the image's frame (normals: x negated), fitted
 to the image's own prediction where the task needs it (depth: scale and shift), and merged by the
-task's rule, which also says how far apart the two were (see the table in ``tasks.py``).
+task's rule, which also says how far apart the two were (see the table in ``tasks/codecs.py``).
 
 A "pass" here is any function ``run(images [n, 3, H, W] in [0, 1], cond) -> {name: (raw, uncertainty)}``
 returning each adapter's raw values at the images' size (uncertainty [n, H, W] or None); the
@@ -65,7 +65,7 @@ def merge_members(task: str, members: list[torch.Tensor]) -> tuple[torch.Tensor,
     """Merge predictions of one batch [B, H, W(, C)], all in the image's frame; the first is the reference.
 
     Returns:
-        (merged raw values, uncertainty float32 [B, H, W]; see the table in ``tasks.py``).
+        (merged raw values, uncertainty float32 [B, H, W]; see the table in ``tasks/codecs.py``).
     """
     codec = get_codec(task)
     aligned = [members[0]] + [align(codec, member, members[0])[0] for member in members[1:]]

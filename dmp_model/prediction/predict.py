@@ -149,14 +149,14 @@ class Prediction:
 
     Attributes:
         adapter: the adapter's name; ``info`` its facts (task, conventions).
-        raw: the task's values (see ``tasks.py``: metres, unit normals, class ids, ...).
+        raw: the task's values (see ``tasks/codecs.py``: metres, unit normals, class ids, ...).
         visual: float32 [B, H, W, 3] in [0, 1], a preview of raw.
         latents: final latents [B, 4, h, w] when asked for (``return_latents=True``).
         input_latents: the input image latents [B, 4, h, w] when asked for.
         visual_range: the colour range the visual used (one of VISUAL_RANGES): "batch" for a clip's
             frames, which maps made from this prediction follow by default.
         uncertainty: float32 [B, H, W], how far an ensemble's members disagree (``ensemble="flip"``;
-            units per task in ``tasks.py``: metres, degrees, vote share, ...), else None.
+            units per task in ``tasks/codecs.py``: metres, degrees, vote share, ...), else None.
         uncertainty_visual: float32 [B, H, W, 3] in [0, 1], grey: black = agreement, white = the
             task's ``uncertainty_scale`` (``ensemble.uncertainty_visual``); a mask is one channel.
     """

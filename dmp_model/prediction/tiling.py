@@ -9,7 +9,7 @@ processing resolution, and merges them at the full size:
    pixels, spread evenly from edge to edge (``tile_starts``); an image whose shorter side fits
    in one tile is not tiled (the global pass already sees it at full detail or more).
 2. Alignment: each tile is fitted to the global pass over its area by the task's rule (depth:
-   robust scale and shift; shading: scale; ``tasks.py``), so tiles that saw different context
+   robust scale and shift; shading: scale; ``tasks/codecs.py``), so tiles that saw different context
    agree on the scale of the scene.
 3. Blending: separable weights, 1 inside a tile and a raised-cosine ramp over ``ramp`` pixels on
    each side that faces a neighbour (none on the image border). Where neighbours overlap by
