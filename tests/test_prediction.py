@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from standins import PIXEL_DEPTH, PIXEL_OPTIONS, PixelBackend, pixel_info
 
 from dmp_model.prediction.predict import predict_images
+from standins import PIXEL_DEPTH, PIXEL_OPTIONS, PixelBackend, pixel_info
 
 
 def block_grey_images(count: int, height: int = 32, width: int = 48, seed: int = 0) -> torch.Tensor:
