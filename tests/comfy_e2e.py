@@ -542,7 +542,8 @@ def check_preview_3d(server: Server, chromium: str, base: Path, workflow: dict, 
         # In view at scale 1, so that the widget mounts its viewer (which then takes over onExecuted).
         frontend.evaluate(f"(() => {{ const c = window.app.canvas; c.ds.scale = 1; c.centerOnNode({node}); "
                           "c.setDirty(true, true); })()")
-        wait_for(f"typeof {node}.onExecuted === 'function'", "the widget's viewer did not start")
+        # The extension sets the node's own onExecuted once its viewer is up (before, the class's answers).
+        wait_for(f"Object.prototype.hasOwnProperty.call({node}, 'onExecuted')", "the widget's viewer did not start")
         frontend.evaluate(f"{node}.onExecuted({json.dumps(output)})")
         wait_for(f"performance.getEntriesByType('resource').some(e => e.name.includes({json.dumps(name)}))",
                  f"the frontend did not fetch {name}")
@@ -648,6 +649,7 @@ def run_checks(server: Server, base: Path, as_shipped: bool = False,
             report.extend(check_frontend(server, chromium, info, snapshot))
     first = workflows["1_depth_normals_to_controlnet"]
     # 1. Every example workflow on full-size SD 1.5 models; workflow 1 against the library; one base load.
+    preview = None  # workflow 6 and its Preview 3D output, for the browser check at the end
     for name, prompt in workflows.items():
         if name.startswith("2_"):
             report.append(check_one_base_load(server, base, name, prompt))
@@ -658,10 +660,8 @@ def run_checks(server: Server, base: Path, as_shipped: bool = False,
             report.append(check_library_parity(base, f"{name}, raw depth", prompt, result))
         if name.startswith("6_"):
             report.append(check_asset(base, name, prompt, result))
-            if chromium:
-                report.append(check_preview_3d(server, chromium, base, json.loads(
-                    (WORKFLOWS / f"{name}.json").read_text(encoding="utf-8")),
-                    result["outputs"][node_of(prompt, "Preview3D")]))
+            preview = (json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8")),
+                       result["outputs"][node_of(prompt, "Preview3D")])
     # 2. Prompts (ComfyUI's tokenizer, CLIP Text Encode's CONDITIONING), other loaders and folders.
     texted = copy.deepcopy(first)
     texted[node_of(texted, "DMPPredict")]["inputs"]["prompt"] = "a bedroom with a large bed"
@@ -711,6 +711,9 @@ def run_checks(server: Server, base: Path, as_shipped: bool = False,
     again = copy.deepcopy(first)
     again[node_of(again, "DMPDepthToControlNet")]["inputs"]["invert"] = True  # not a cached result
     report.append(check_success(server, base, "after the errors, 1 again", again))
+    # Last: the viewer in a browser (the server's checks above do not depend on it).
+    if chromium and preview is not None:
+        report.append(check_preview_3d(server, chromium, base, *preview))
     return report
 
 
