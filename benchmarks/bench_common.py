@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "tests"):
+for _path in (ROOT, ROOT / "tests", ROOT / "tests" / "support"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 

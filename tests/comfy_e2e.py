@@ -13,7 +13,7 @@ Each example workflow is converted from the UI format to the API format with the
 frontend makes of the workflow, ``app.graphToPrompt()``), submitted to /prompt and awaited in
 /history; every preview must come back through /view and every saved file must exist.
 The frontend check runs twice: with the server's own node schemas, and with the newest core's
-(tests/comfy_stubs/core_nodes/newest.json, swapped into the page's /object_info), and each time our
+(tests/support/comfy_stubs/core_nodes/newest.json, swapped into the page's /object_info), and each time our
 converter must also read the frontend's own re-save of the workflow. ``--front-end-root`` serves
 another frontend (e.g. the newest comfyui-frontend-package); ``--only-frontend`` stops after that
 check. Resolutions and sampler steps are lowered for the CPU (--as-shipped keeps them). Then:
@@ -28,7 +28,7 @@ check. Resolutions and sampler steps are lowered for the CPU (--as-shipped keeps
   prediction given to another task's node, an unknown class name, a missing file) must come back
   as ComfyUI execution errors with the expected messages, and the server must go on working;
 - Cancel during sampling stops within one step; 20 repeated runs keep the server's memory flat;
-- workflow 6's .glb, re-read with an independent glTF reader (tests/asset_readers.py), holds a mesh
+- workflow 6's .glb, re-read with an independent glTF reader (tests/support/asset_readers.py), holds a mesh
   with unit normals and a texture of the image's size; with Chromium, the frontend's Preview 3D
   widget is handed that run's output (as on an "executed" message), must fetch the file, and is
   photographed to preview3d.png in the base directory (kept with --keep) for a person to look at.
@@ -58,7 +58,7 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "tests"):
+for _path in (ROOT, ROOT / "tests", ROOT / "tests" / "support"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
@@ -76,7 +76,7 @@ EXTRA_ADAPTER = "normal-extra-notext/pytorch_lora_weights.safetensors"
 SD1_CONFIG = ROOT / "dmp_model" / "sd" / "configs" / "sd1"
 # The largest difference allowed between the node path and the library, relative to the depth range.
 PARITY_TOLERANCE = 1e-4
-# Core node schemas of newer cores (tests/comfy_stubs/core_nodes) the frontend check also shows the page.
+# Core node schemas of newer cores (tests/support/comfy_stubs/core_nodes) the frontend check also shows the page.
 NEWER_SNAPSHOTS = ("newest",)
 
 
@@ -408,7 +408,7 @@ def check_frontend(server: Server, chromium: str, info: dict, snapshot: str | No
     """ComfyUI's own frontend must turn each example into the API prompt our converter makes, and so
     must our converter the frontend's own save of it (widgets_values_named included, where written).
 
-    With `snapshot` (a version in tests/comfy_stubs/core_nodes), the page and the converter see that
+    With `snapshot` (a version in tests/support/comfy_stubs/core_nodes), the page and the converter see that
     core's node schemas in place of the server's: the frontend is checked against a newer core's
     schemas (DynamicCombo, new optional widgets) which this server cannot run.
     """
@@ -738,7 +738,7 @@ def _without_tooltips(inputs: dict) -> dict:
 
 
 def dump_core_nodes(server: Server, comfyui: Path) -> Path:
-    """Write tests/comfy_stubs/core_nodes/<core version>.json from the server: the object_info of the
+    """Write tests/support/comfy_stubs/core_nodes/<core version>.json from the server: the object_info of the
     core nodes the workflows use (and ALSO_DUMPED), with where it came from."""
     info = server.get("/object_info")
     used = {n["type"] for p in WORKFLOWS.glob("*.json") for n in json.loads(p.read_text())["nodes"]} | set(ALSO_DUMPED)
@@ -762,7 +762,7 @@ def dump_core_nodes(server: Server, comfyui: Path) -> Path:
                            "tooltips removed; combos listing model or input files are replaced by "
                            "{'files': <folder>}. See README.md here.",
                 "source": source, "nodes": nodes}
-    target = ROOT / "tests" / "comfy_stubs" / "core_nodes" / f"{system['comfyui_version']}.json"
+    target = ROOT / "tests" / "support" / "comfy_stubs" / "core_nodes" / f"{system['comfyui_version']}.json"
     target.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return target
 
@@ -787,7 +787,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only-frontend", action="store_true",
                         help="run only the frontend check (no workflow is run); needs --browser")
     parser.add_argument("--dump-core-nodes", action="store_true",
-                        help="also write tests/comfy_stubs/core_nodes/<version>.json from the server")
+                        help="also write tests/support/comfy_stubs/core_nodes/<version>.json from the server")
     args = parser.parse_args(argv)
     if args.comfyui is None or not (args.comfyui / "main.py").is_file():
         parser.error("--comfyui must name a ComfyUI checkout (or set COMFYUI_E2E_PATH)")

@@ -15,7 +15,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # for each other (a 30 ms UNet call took 6 s): one thread keeps the suite fast and steady.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "tests"):
+# Helpers the tests, benchmarks and the e2e import (factories, stand-ins, ComfyUI stubs) live in support/.
+SUPPORT = ROOT / "tests" / "support"
+for path in (ROOT, ROOT / "tests", SUPPORT):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 

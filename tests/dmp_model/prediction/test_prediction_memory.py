@@ -4,7 +4,7 @@ Measured as resident memory in fresh processes (torch's CPU allocations are invi
 tracemalloc): the peak (VmHWM, reset through /proc/self/clear_refs after a warm-up run) minus the
 resident memory before the call, minus the results (raw values and visuals). Resident memory counts
 only this process's pages, so other work on a shared machine does not disturb it. The networks are
-the stand-in backend's (tests/standins.py), so only what predict_images itself holds is measured;
+the stand-in backend's (tests/support/standins.py), so only what predict_images itself holds is measured;
 benchmarks/bench_video.py measures the same with the tiny SD model.
 """
 
@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-TESTS = Path(__file__).resolve().parent
+from conftest import ROOT, SUPPORT
 
 SCRIPT = r"""
 import sys
@@ -61,7 +59,7 @@ def _can_reset_peak() -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not _can_reset_peak(),
                     reason="needs Linux's /proc/self/clear_refs to reset the peak resident memory")
 def test_peak_memory_beyond_the_results_does_not_grow_with_the_frame_count():
-    script = SCRIPT.format(root=str(TESTS.parent), tests=str(TESTS))
+    script = SCRIPT.format(root=str(ROOT), tests=str(SUPPORT))
     runs = {(frames, mode): subprocess.Popen([sys.executable, "-c", script, str(frames), mode],
                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for frames, mode in ((16, "plain"), (256, "plain"), (256, "leak"))}

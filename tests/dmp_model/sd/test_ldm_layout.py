@@ -1,4 +1,4 @@
-"""The LDM/CompVis single-file writer (tests/ldm_layout.py) against diffusers' own single-file loader.
+"""The LDM/CompVis single-file writer (tests/support/ldm_layout.py) against diffusers' own single-file loader.
 
 A tiny SD 1.x is written in the original key layout (.safetensors and CompVis .ckpt), read back
 with ``from_single_file(..., config=<local diffusers folder>, local_files_only=True)`` and must
@@ -26,7 +26,7 @@ from dmp_model.sd.loading import SD1_CONFIG_DIR
 from dmp_model.sd.tiny import build_tiny_components, save_tiny_sd
 
 try:
-    from tests.ldm_layout import (
+    from ldm_layout import (
         TEXT_ENCODER_PREFIX,
         UNET_PREFIX,
         VAE_PREFIX,

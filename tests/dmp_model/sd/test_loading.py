@@ -1,6 +1,6 @@
 """Loading an SD 1.x base: diffusers folders, single-file LDM checkpoints, offline, and every refusal.
 
-The single files are the tiny base written back in the original CompVis layout (tests/ldm_layout.py),
+The single files are the tiny base written back in the original CompVis layout (tests/support/ldm_layout.py),
 so a single-file load must give exactly the model the diffusers folder gives.
 """
 
@@ -30,7 +30,7 @@ from factories import write_official_adapter
 from ldm_layout import ldm_state_dict, write_single_file
 from weight_keys import DMP_LORA, FOUND, INPAINTING, SD2, SDXL, VAE_ONLY, Payload, write_keys
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
 

@@ -124,7 +124,8 @@ print(json.dumps({{"depth": list(depth.raw.shape), "tasks": [o.task for o in out
 
 def test_every_node_runs_without_diffusers_peft_or_transformers(tmp_path):
     """ComfyUI's Python has none of them: the pack must not import them, directly or through dmp_model."""
-    script = _WITHOUT_MODEL_LIBRARIES.format(blocked=MODEL_LIBRARIES, tests=str(ROOT / "tests"), root=str(tmp_path))
+    script = _WITHOUT_MODEL_LIBRARIES.format(blocked=MODEL_LIBRARIES, tests=str(ROOT / "tests" / "support"),
+                                             root=str(tmp_path))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)

@@ -36,7 +36,7 @@ from training.trainer import (
     validate,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Crash(RuntimeError):

@@ -16,7 +16,7 @@ from training.demo.world import write_dataset
 from training.resume import list_checkpoints, load_checkpoint
 from training.trainer import ADAPTER_FILE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

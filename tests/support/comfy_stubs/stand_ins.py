@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-PACK_ROOT = Path(__file__).resolve().parents[2]
+PACK_ROOT = Path(__file__).resolve().parents[3]
 STAND_IN_NAMES = ("folder_paths", "comfy", "comfy.model_management", "comfy.utils", "comfy.lora",
                   "comfy_execution", "comfy_execution.graph_utils")
 _counter = itertools.count()

@@ -26,7 +26,7 @@ from dmp_model.io.writers import read_depth_png16
 from dmp_model.tasks.palettes import palette
 from factories import write_official_adapter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 IMAGES = {"a.png": (16, 24), "b.png": (24, 16), "sub/c.png": (16, 16), "sub/d.jpg": (20, 28), "sub/deep/e.png": (8, 8)}
 DONE = re.compile(r"process (\d+)/(\d+): (\d+) written, (\d+) skipped \(already there\), (\d+) failed")
 
@@ -272,7 +272,7 @@ def test_accelerate_launch_shares_the_files_out(tiny_base, adapters, tmp_path):
 
 
 def test_a_prompt_without_tokenizer_is_refused_up_front(tiny_base, adapters, tmp_path, caplog):
-    from tests.ldm_layout import write_single_file
+    from ldm_layout import write_single_file
 
     model = DMPModel.from_pretrained(tiny_base, device="cpu", precision="fp32")
     model.text._encoder()  # materialise the text encoder to write it into the single file

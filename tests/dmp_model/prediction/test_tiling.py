@@ -19,7 +19,7 @@ from dmp_model.prediction.tiling import TileMerger, predict_tiled, tile_layout, 
 from dmp_model.tasks.palettes import NUM_CLASSES
 from standins import PIXEL_OPTIONS, PixelBackend, pixel_info
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 HEIGHT, WIDTH, TILE, RESOLUTION = 301, 517, 64, 64  # odd sizes on purpose
 
 
@@ -228,7 +228,7 @@ def test_a_4096_by_3072_image_stays_within_the_memory_bound(tmp_path):
     """
     script = textwrap.dedent(f"""
         import json, resource, sys, torch
-        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests" / "support")!r}]
         from standins import PIXEL_OPTIONS, PixelBackend, pixel_info
         from dmp_model.prediction.predict import predict_images
         ramp = torch.linspace(0, 1, 4096) * torch.linspace(0.5, 1, 3072)[:, None]
