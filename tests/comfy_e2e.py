@@ -544,6 +544,9 @@ def check_preview_3d(server: Server, chromium: str, base: Path, workflow: dict, 
                           "c.setDirty(true, true); })()")
         # The extension sets the node's own onExecuted once its viewer is up (before, the class's answers).
         wait_for(f"Object.prototype.hasOwnProperty.call({node}, 'onExecuted')", "the widget's viewer did not start")
+        # Chromium keeps 250 resource entries by default, and the frontend's own module loads fill them:
+        # without room, the widget's fetch of the file would never show in the list waited on below.
+        frontend.evaluate("performance.clearResourceTimings(); performance.setResourceTimingBufferSize(10000)")
         frontend.evaluate(f"{node}.onExecuted({json.dumps(output)})")
         wait_for(f"performance.getEntriesByType('resource').some(e => e.name.includes({json.dumps(name)}))",
                  f"the frontend did not fetch {name}")
