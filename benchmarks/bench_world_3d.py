@@ -7,7 +7,7 @@ Each held-out scene of a finished ``dmp demo`` (in domain: val, out of domain: o
 the demo scores it (the prior's depth LoRA, DMP's sampler, native resolution) and back-projected
 through the scene's own camera (its field of view from the world's scene description) with
 ``dmp_model.geometry``, as is its true depth. The world's true depth gives the world's 3D points to
-float precision (tests/test_geometry.py), so the distance between the two point clouds, pixel by
+float precision (tests/dmp_model/geometry/test_geometry.py), so the distance between the two point clouds, pixel by
 pixel, is the prediction's 3D error in metres. Along a pixel's ray it is |depth error| times the
 ray's length per metre of depth (1 at the centre, about 1.2 in the corners at 70 degrees).
 """

@@ -1,7 +1,7 @@
 """A pinhole camera with its principal point at the image centre: pixel rays, back-projection, frames.
 
 Pixel (row i, column j) is the square [j, j + 1] x [i, i + 1]; its ray goes through its centre
-(j + 0.5, i + 0.5), as the miniature world's renderer (``training/world.py``) casts them. With the
+(j + 0.5, i + 0.5), as the miniature world's renderer (``training/demo/world.py``) casts them. With the
 horizontal field of view ``hfov`` the focal length in pixels is f = W / 2 / tan(hfov / 2), and the
 point of depth z (the camera's z coordinate, what DMP's depth predicts, not the ray length) at that
 pixel is, in the OpenCV camera frame (x right, y down, z forward),

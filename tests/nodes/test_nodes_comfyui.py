@@ -3,7 +3,7 @@ MODEL/VAE/CLIP of core's Load Checkpoint (a random-weight SD 1.5), ComfyUI's rea
 model management, interrupt and execution blocker. Skipped unless COMFYUI_PATH names a checkout;
 COMFYUI_PYTHON names a Python with ComfyUI's requirements (default: this one).
 
-    COMFYUI_PATH=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/venv/bin/python pytest tests/test_nodes_comfyui.py
+    COMFYUI_PATH=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/venv/bin/python pytest tests/nodes/test_nodes_comfyui.py
 """
 
 from __future__ import annotations
